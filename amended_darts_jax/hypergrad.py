@@ -1,0 +1,375 @@
+"""Architecture gradients of bilevel NAS: exact and finite-difference products.
+
+Everything here works for any loss `loss_fn(omega, alpha, batch) -> scalar` over
+arbitrary pytrees; nothing knows about the supernet. Notation follows MATH.md:
+
+    g  = g1 + g2,   g1 = dLv/da,   g2 = -M H^-1 v                 (paper eq. 2, 5)
+    H  = d2 Lt / dw2 (+ wd I),      M u = d/da <dLt/dw, u>,        v = dLv/dw
+
+and the three approximations of g2:
+
+    amended (paper eq. 6):  g2'  = -eta M H v
+    DARTS second order:     g2'' = -xi  M v',   v' = dLv/dw at w' = w - xi dLt/dw
+    implicit:               g2   = -M (H + lambda I)^-1 v   by conjugate gradient
+
+Exact products are forward-over-reverse (`jax.jvp` of `jax.grad`); the finite
+differences are the central ones DARTS uses, kept so the two can be compared.
+
+A loss may return `(loss, aux)` when called with `has_aux=True`; aux (new batch
+norm statistics, logits) is taken from the evaluation at the unperturbed point.
+All functions are jit-able with the loss functions and string options static.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+LossFn = Callable[..., Any]
+
+METHODS = ("first_order", "darts", "amended", "implicit")
+PRODUCTS = ("exact", "fd")
+
+
+# ----------------------------------------------------------------------------
+# Small pytree helpers.
+# ----------------------------------------------------------------------------
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """Sum over leaves of <a, b>."""
+  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
+  return functools.reduce(jnp.add, leaves, jnp.zeros((), _tree_dtype(a)))
+
+
+def tree_norm(a: PyTree) -> jax.Array:
+  """Euclidean norm of all leaves together."""
+  return jnp.sqrt(tree_vdot(a, a))
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def tree_scale(s, a: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: (s * x).astype(x.dtype), a)
+
+
+def tree_axpy(s, x: PyTree, y: PyTree) -> PyTree:
+  """s * x + y, leafwise."""
+  return jax.tree.map(lambda xi, yi: (s * xi + yi).astype(yi.dtype), x, y)
+
+
+def tree_zeros_like(a: PyTree) -> PyTree:
+  return jax.tree.map(jnp.zeros_like, a)
+
+
+def tree_cosine(a: PyTree, b: PyTree, eps: float = 1e-30) -> jax.Array:
+  """<a, b> / (|a| |b|); 0 where either is zero."""
+  denom = tree_norm(a) * tree_norm(b)
+  return jnp.where(denom > eps, tree_vdot(a, b) / jnp.maximum(denom, eps), 0.0)
+
+
+def tree_all_finite(a: PyTree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(a)]
+  return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
+
+
+def _tree_dtype(a: PyTree):
+  leaves = jax.tree.leaves(a)
+  return jnp.result_type(*leaves) if leaves else jnp.float32
+
+
+# ----------------------------------------------------------------------------
+# Gradients of the loss, with an optional aux output.
+# ----------------------------------------------------------------------------
+
+
+def _loss_with_aux(loss_fn: LossFn, has_aux: bool) -> LossFn:
+  """Returns a loss that always gives `(loss, aux)` (aux is None without has_aux)."""
+  if has_aux:
+    return loss_fn
+  return lambda w, a, batch: (loss_fn(w, a, batch), None)
+
+
+def _grad_w(loss_fn, alpha, batch, has_aux):
+  """w -> (dL/dw, (L, aux)), the function whose jvp gives H u."""
+  fn = _loss_with_aux(loss_fn, has_aux)
+
+  def grad_w(w):
+    (loss, aux), g = jax.value_and_grad(fn, argnums=0, has_aux=True)(w, alpha, batch)
+    return g, (loss, aux)
+
+  return grad_w
+
+
+def _grad_a(loss_fn, alpha, batch, has_aux):
+  """w -> (dL/da, (L, aux)), the function whose jvp in w gives M u."""
+  fn = _loss_with_aux(loss_fn, has_aux)
+
+  def grad_a(w):
+    (loss, aux), g = jax.value_and_grad(fn, argnums=1, has_aux=True)(w, alpha, batch)
+    return g, (loss, aux)
+
+  return grad_a
+
+
+def grad_and_hvp(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, has_aux=False):
+  """One forward-over-reverse pass: `(dLt/dw, (H + wd I) v, (Lt, aux))`.
+
+  The primal of the jvp is the training gradient at `omega`, which the weight
+  step can reuse; the tangent is the Hessian-vector product (MATH.md, "one jvp
+  of grad(Lt) along v").
+  """
+  g_w, hv, loss_aux = jax.jvp(
+      _grad_w(loss_fn, alpha, batch, has_aux), (omega,), (v,), has_aux=True)
+  if weight_decay:
+    hv = tree_axpy(weight_decay, v, hv)  # (H + wd I) v
+  return g_w, hv, loss_aux
+
+
+def hvp(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, has_aux=False):
+  """(H + weight_decay * I) v with H = d2 L / dw2, exact (forward-over-reverse)."""
+  return grad_and_hvp(loss_fn, omega, alpha, batch, v,
+                      weight_decay=weight_decay, has_aux=has_aux)[1]
+
+
+def mixed_vp(loss_fn, omega, alpha, batch, u, *, has_aux=False):
+  """M u = d/dalpha <dL/domega, u>, exact; an alpha-shaped pytree.
+
+  Computed as the derivative of dL/dalpha along u in omega (forward-over-reverse),
+  which equals the alpha-gradient of <dL/domega, u> by symmetry of second
+  derivatives.
+  """
+  _, mu, _ = jax.jvp(_grad_a(loss_fn, alpha, batch, has_aux), (omega,), (u,),
+                     has_aux=True)
+  return mu
+
+
+# ----------------------------------------------------------------------------
+# Central finite differences (DARTS' rule e = r / |v|).
+# ----------------------------------------------------------------------------
+
+
+def _central_difference(grad_fn, omega, u, r):
+  """[grad_fn(w + e u) - grad_fn(w - e u)] / (2 e) with e = r / |u|."""
+  eps = r / jnp.maximum(tree_norm(u), jnp.finfo(_tree_dtype(u)).tiny)
+  plus = grad_fn(tree_axpy(eps, u, omega))[0]
+  minus = grad_fn(tree_axpy(-eps, u, omega))[0]
+  return tree_scale(1.0 / (2.0 * eps), tree_sub(plus, minus))
+
+
+def hvp_fd(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, r=0.01, has_aux=False):
+  """(H + wd I) v by central differences of dL/dw, step r / |v| (MATH.md)."""
+  hv = _central_difference(_grad_w(loss_fn, alpha, batch, has_aux), omega, v, r)
+  if weight_decay:
+    hv = tree_axpy(weight_decay, v, hv)  # the decay term is linear: add it exactly
+  return hv
+
+
+def mixed_vp_fd(loss_fn, omega, alpha, batch, u, *, r=0.01, has_aux=False):
+  """M u by central differences of dL/dalpha along u in omega, step r / |u|."""
+  return _central_difference(_grad_a(loss_fn, alpha, batch, has_aux), omega, u, r)
+
+
+# ----------------------------------------------------------------------------
+# The second terms.
+# ----------------------------------------------------------------------------
+
+
+def _check_products(products):
+  if products not in PRODUCTS:
+    raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
+
+
+def amended_term(loss_fn, omega, alpha, batch, v, *, eta, weight_decay=0.0,
+                 products="exact", r=0.01, has_aux=False):
+  """g2' = -eta M (H + wd I) v, the amended term (paper eq. 6).
+
+  With products="fd" both products are central differences: Hv with step
+  r / |v|, then M u with u = Hv and step r / |u| (MATH.md, corrected A.2).
+  """
+  return _amended(loss_fn, omega, alpha, batch, v, eta=eta, weight_decay=weight_decay,
+                  products=products, r=r, has_aux=has_aux)[0]
+
+
+def _amended(loss_fn, omega, alpha, batch, v, *, eta, weight_decay, products, r, has_aux):
+  """g2' and, for exact products, the training gradient and (Lt, aux) at omega."""
+  _check_products(products)
+  if products == "exact":
+    g_w, u, loss_aux = grad_and_hvp(loss_fn, omega, alpha, batch, v,
+                                    weight_decay=weight_decay, has_aux=has_aux)
+    mu = mixed_vp(loss_fn, omega, alpha, batch, u, has_aux=has_aux)
+  else:
+    g_w, loss_aux = None, None
+    u = hvp_fd(loss_fn, omega, alpha, batch, v, weight_decay=weight_decay, r=r,
+               has_aux=has_aux)
+    mu = mixed_vp_fd(loss_fn, omega, alpha, batch, u, r=r, has_aux=has_aux)
+  return tree_scale(-eta, mu), g_w, loss_aux
+
+
+def darts_term(loss_fn, omega, alpha, batch, v, *, xi, products="exact", r=0.01,
+               has_aux=False):
+  """g2'' = -xi M v, the second-order DARTS term (DARTS eq. 7; MATH.md).
+
+  `v` is the validation gradient at the unrolled weights w' = w - xi dLt/dw and
+  M is taken at `omega` (the weights before unrolling), as DARTS does. With
+  products="fd" this is DARTS' own central difference with step r / |v|.
+  """
+  _check_products(products)
+  if products == "exact":
+    mv = mixed_vp(loss_fn, omega, alpha, batch, v, has_aux=has_aux)
+  else:
+    mv = mixed_vp_fd(loss_fn, omega, alpha, batch, v, r=r, has_aux=has_aux)
+  return tree_scale(-xi, mv)
+
+
+class CGInfo(NamedTuple):
+  iterations: jax.Array
+  relative_residual: jax.Array
+
+
+def conjugate_gradient(matvec, b, *, maxiter=100, tol=1e-6):
+  """Solves A x = b for symmetric positive-definite A given as `matvec`.
+
+  Stops when |b - A x| <= tol |b| or after maxiter iterations. Returns
+  `(x, CGInfo)`; the reported residual is recomputed as |b - A x| / |b| at the
+  end, not taken from the recurrence.
+  """
+  b_norm = tree_norm(b)
+  tiny = jnp.finfo(_tree_dtype(b)).tiny
+  x0 = tree_zeros_like(b)
+
+  def cond(state):
+    k, _, _, _, rs = state
+    return jnp.logical_and(k < maxiter, jnp.sqrt(rs) > tol * b_norm)
+
+  def body(state):
+    k, x, res, p, rs = state
+    ap = matvec(p)
+    step = rs / jnp.maximum(tree_vdot(p, ap), tiny)
+    x = tree_axpy(step, p, x)
+    res = tree_axpy(-step, ap, res)
+    rs_new = tree_vdot(res, res)
+    p = tree_axpy(rs_new / jnp.maximum(rs, tiny), p, res)
+    return k + 1, x, res, p, rs_new
+
+  k, x, _, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.array(0), x0, b, b, tree_vdot(b, b)))
+  true_res = tree_norm(tree_sub(b, matvec(x))) / jnp.maximum(b_norm, tiny)
+  return x, CGInfo(iterations=k, relative_residual=true_res)
+
+
+def implicit_term(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, damping=0.0,
+                  maxiter=100, tol=1e-6, has_aux=False):
+  """g2 = -M (H + (wd + damping) I)^-1 v, the implicit-function term (paper eq. 5).
+
+  The linear solve is conjugate gradient on exact Hessian-vector products.
+  Returns `(g2, CGInfo)`: CG iterations and the final relative residual.
+  """
+  g2, info, _, _ = _implicit(loss_fn, omega, alpha, batch, v, weight_decay=weight_decay,
+                             damping=damping, maxiter=maxiter, tol=tol, has_aux=has_aux)
+  return g2, info
+
+
+def _implicit(loss_fn, omega, alpha, batch, v, *, weight_decay, damping, maxiter, tol,
+              has_aux):
+  """g2, CG info, and the training gradient and (Lt, aux) at omega."""
+  shift = weight_decay + damping
+  matvec = lambda p: hvp(loss_fn, omega, alpha, batch, p, weight_decay=shift,
+                         has_aux=has_aux)
+  x, info = conjugate_gradient(matvec, v, maxiter=maxiter, tol=tol)
+  # One jvp of grad over (w, a) along x gives M x and, as its primal, dLt/dw.
+  fn = _loss_with_aux(loss_fn, has_aux)
+
+  def grad_wa(w):
+    (loss, aux), g = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(w, alpha, batch)
+    return g, (loss, aux)
+
+  (g_w, _), (_, mx), loss_aux = jax.jvp(grad_wa, (omega,), (x,), has_aux=True)
+  return tree_scale(-1.0, mx), info, g_w, loss_aux
+
+
+# ----------------------------------------------------------------------------
+# The full architecture gradient.
+# ----------------------------------------------------------------------------
+
+
+def unrolled_weights(train_grad, omega, xi, *, weight_decay=0.0, momentum_term=None):
+  """w' = w - xi (dLt/dw + wd w + momentum_term), DARTS' one-step unrolling.
+
+  `momentum_term` is the SGD momentum buffer times the momentum (DARTS folds
+  it into the unrolled step); None leaves it out.
+  """
+  step = train_grad
+  if weight_decay:
+    step = tree_axpy(weight_decay, omega, step)
+  if momentum_term is not None:
+    step = tree_add(step, momentum_term)
+  return tree_axpy(-xi, step, omega)
+
+
+def arch_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch, *, method,
+                  products="exact", eta=0.1, xi=0.025, weight_decay=0.0, r=0.01,
+                  momentum_term=None, damping=0.0, cg_maxiter=100, cg_tol=1e-6,
+                  has_aux=False):
+  """The architecture gradient g = g1 + second term, for one of four methods.
+
+  method:
+    "first_order": g = g1 = dLv/da                              (DARTS first order)
+    "darts":       g = dLv/da(w') - xi M v',  w' = w - xi dLt/dw  (DARTS eq. 7)
+    "amended":     g = g1 - eta M (H + wd I) v                  (paper eq. 6)
+    "implicit":    g = g1 - M (H + (wd + damping) I)^-1 v        (paper eq. 5, CG)
+
+  Returns `(g, aux)`. aux holds "g1", "g2" (the second term; zeros for
+  first_order), "v" (dLv/dw, at w' for darts), "val_loss", "val_aux",
+  "train_grad" (dLt/dw at omega where it was computed on the way, else None),
+  "train_loss" and "train_aux" (from the same evaluation, else None) and, for
+  implicit, "cg" (CGInfo).
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  _check_products(products)
+  val_fn = _loss_with_aux(loss_val, has_aux)
+  kw = dict(has_aux=has_aux)
+  train_grad = train_loss = train_aux = None
+
+  if method == "darts":
+    # The unrolled step needs dLt/dw at omega first; it is the weight step's gradient too.
+    train_grad, (train_loss, train_aux) = _grad_w(loss_train, alpha, train_batch, has_aux)(omega)
+    omega_eval = unrolled_weights(train_grad, omega, xi, weight_decay=weight_decay,
+                                  momentum_term=momentum_term)
+  else:
+    omega_eval = omega
+
+  (val_loss, val_aux), (v, g1) = jax.value_and_grad(val_fn, argnums=(0, 1), has_aux=True)(
+      omega_eval, alpha, val_batch)
+
+  extra = {}
+  if method == "first_order":
+    g2 = tree_zeros_like(g1)
+  elif method == "darts":
+    g2 = darts_term(loss_train, omega, alpha, train_batch, v, xi=xi, products=products,
+                    r=r, **kw)
+  elif method == "amended":
+    g2, g_w, loss_aux = _amended(loss_train, omega, alpha, train_batch, v, eta=eta,
+                                 weight_decay=weight_decay, products=products, r=r, **kw)
+    if g_w is not None:
+      train_grad, (train_loss, train_aux) = g_w, loss_aux
+  else:  # implicit
+    g2, info, train_grad, (train_loss, train_aux) = _implicit(
+        loss_train, omega, alpha, train_batch, v, weight_decay=weight_decay,
+        damping=damping, maxiter=cg_maxiter, tol=cg_tol, **kw)
+    extra["cg"] = info
+
+  aux = dict(g1=g1, g2=g2, v=v, val_loss=val_loss, val_aux=val_aux, train_grad=train_grad,
+             train_loss=train_loss, train_aux=train_aux, **extra)
+  return tree_add(g1, g2), aux

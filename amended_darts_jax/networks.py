@@ -1,0 +1,216 @@
+"""Discrete networks built from a genotype, for retraining (DARTS' `cnn/model.py` layout).
+
+`NetworkCIFAR` and `NetworkImageNet` return `(logits, aux_logits)`; aux_logits is
+None unless the auxiliary head is on and `train=True`. Drop-path (applied to
+every non-identity op in training) needs a "dropout" rng; its rate is a call
+argument so the caller can ramp it without recompiling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from amended_darts_jax import ops, spaces
+
+
+def drop_path(x, rate, rng):
+  """Zeroes whole samples with probability `rate`, scaling the rest by 1/(1-rate)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0], 1, 1, 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Cell(nn.Module):
+  gene: spaces.Gene
+  concat: tuple[int, ...]
+  features: int
+  reduction: bool
+  reduction_prev: bool
+  act: str = "relu"
+  depthwise_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, s0, s1, drop_path_rate, train: bool):
+    c = self.features
+    if self.reduction_prev:
+      s0 = ops.FactorizedReduce(c, act=self.act, name="pre0")(s0, train)
+    else:
+      s0 = ops.ReLUConvBN(c, act=self.act, name="pre0")(s0, train)
+    s1 = ops.ReLUConvBN(c, act=self.act, name="pre1")(s1, train)
+    states = [s0, s1]
+    for node in range(len(self.gene) // 2):
+      total = None
+      for k in (2 * node, 2 * node + 1):
+        op, src = self.gene[k]
+        stride = 2 if self.reduction and src < 2 else 1
+        h = ops.Op(op, c, stride, act=self.act, depthwise_impl=self.depthwise_impl,
+                   name=f"op{k}")(states[src], train)
+        if train and not ops.is_identity(op, stride):
+          h = drop_path(h, drop_path_rate, self.make_rng("dropout"))
+        total = h if total is None else total + h
+      states.append(total)
+    return jnp.concatenate([states[i] for i in self.concat], axis=-1)
+
+
+class AuxiliaryHead(nn.Module):
+  """DARTS' auxiliary classifier; `imagenet` pools with stride 2 and drops the second BN."""
+  num_classes: int
+  imagenet: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.relu(x)
+    x = nn.avg_pool(x, (5, 5), (2, 2) if self.imagenet else (3, 3), padding="VALID")
+    x = ops.pointwise(128)(x)
+    x = nn.relu(ops.batch_norm(train, affine=True)(x))
+    x = nn.Conv(768, (2, 2), padding="VALID", use_bias=False, kernel_init=ops.torch_init)(x)
+    if not self.imagenet:
+      x = ops.batch_norm(train, affine=True)(x)
+    x = nn.relu(x)
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes, kernel_init=ops.torch_init,
+                    bias_init=ops.torch_bias_init(x.shape[-1]))(x)
+
+
+def _check_genotype(genotype: spaces.Genotype, layers: int):
+  if genotype.per_cell and len(genotype.cells) != layers:
+    raise spaces.GenotypeError(f"the genotype has {len(genotype.cells)} per-cell genes but the "
+                               f"network has {layers} cells; set layers={len(genotype.cells)}")
+
+
+class _CellStack(nn.Module):
+  """The cells of either network, with the auxiliary head after cell 2*layers//3."""
+  genotype: spaces.Genotype
+  C: int
+  layers: int
+  num_classes: int
+  auxiliary: bool
+  imagenet: bool
+  reduction_prev: bool
+  act: str
+  depthwise_impl: str
+
+  @nn.compact
+  def __call__(self, s0, s1, drop_path_rate, train):
+    _check_genotype(self.genotype, self.layers)
+    reductions = spaces.reduction_cells(self.layers)
+    c_curr, reduction_prev, logits_aux = self.C, self.reduction_prev, None
+    for i in range(self.layers):
+      reduction = i in reductions
+      if reduction:
+        c_curr *= 2
+      gene, concat = self.genotype.gene(i, reduction)
+      s0, s1 = s1, Cell(gene, concat, c_curr, reduction, reduction_prev, self.act,
+                        self.depthwise_impl, name=f"cell{i}")(s0, s1, drop_path_rate, train)
+      reduction_prev = reduction
+      if i == 2 * self.layers // 3 and self.auxiliary and train:
+        logits_aux = AuxiliaryHead(self.num_classes, self.imagenet, name="auxiliary_head")(
+            s1, train)
+    return s1, logits_aux
+
+
+class NetworkCIFAR(nn.Module):
+  genotype: spaces.Genotype
+  C: int = 36
+  layers: int = 20
+  num_classes: int = 10
+  auxiliary: bool = True
+  act: str = "relu"
+  depthwise_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x_NHWC, drop_path_rate=0.0, train: bool = False):
+    x = nn.Conv(3 * self.C, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                kernel_init=ops.torch_init, name="stem_conv")(x_NHWC)
+    x = ops.batch_norm(train, affine=True, name="stem_bn")(x)
+    s1, logits_aux = _CellStack(self.genotype, self.C, self.layers, self.num_classes,
+                                self.auxiliary, False, False, self.act, self.depthwise_impl,
+                                name="cells")(x, x, drop_path_rate, train)
+    return _classifier(self.num_classes, s1), logits_aux
+
+
+def _classifier(num_classes, features_NHWC):
+  pooled = jnp.mean(features_NHWC, axis=(1, 2))
+  return nn.Dense(num_classes, kernel_init=ops.torch_init,
+                  bias_init=ops.torch_bias_init(pooled.shape[-1]), name="classifier")(pooled)
+
+
+class NetworkImageNet(nn.Module):
+  genotype: spaces.Genotype
+  C: int = 48
+  layers: int = 14
+  num_classes: int = 1000
+  auxiliary: bool = True
+  act: str = "relu"
+  depthwise_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x_NHWC, drop_path_rate=0.0, train: bool = False):
+    conv = lambda c, name: nn.Conv(c, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+                                   kernel_init=ops.torch_init, name=name)
+    x = ops.batch_norm(train, True, name="stem0_bn0")(conv(self.C // 2, "stem0_conv0")(x_NHWC))
+    x = nn.relu(x)
+    s0 = ops.batch_norm(train, True, name="stem0_bn1")(conv(self.C, "stem0_conv1")(x))
+    s1 = ops.batch_norm(train, True, name="stem1_bn")(conv(self.C, "stem1_conv")(nn.relu(s0)))
+    s1, logits_aux = _CellStack(self.genotype, self.C, self.layers, self.num_classes,
+                                self.auxiliary, True, True, self.act, self.depthwise_impl,
+                                name="cells")(s0, s1, drop_path_rate, train)
+    # DARTS pools 7x7 at 224x224 input; a global mean is the same there and works at any size.
+    return _classifier(self.num_classes, s1), logits_aux
+
+
+def count_params(params: Any, exclude: str = "auxiliary_head") -> int:
+  """Number of parameters, leaving out any whose path contains `exclude` (as DARTS reports)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return sum(int(x.size) for path, x in flat
+             if exclude is None or exclude not in jax.tree_util.keystr(path))
+
+
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    for item in (v if isinstance(v, (tuple, list)) else (v,)):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def _macs(jaxpr) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      lhs, rhs = (v.aval for v in eqn.invars)
+      out = eqn.outvars[0].aval
+      spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+      window = 1
+      for d in spec[2:]:
+        window *= rhs.shape[d]
+      in_per_group = rhs.shape[spec[1]]
+      total += int(out.size) * window * in_per_group
+    elif name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval
+      k = 1
+      for d in contract:
+        k *= lhs.shape[d]
+      total += int(eqn.outvars[0].aval.size) * k
+    for sub in _sub_jaxprs(eqn):
+      total += _macs(sub)
+  return total
+
+
+def count_macs(model: nn.Module, variables: Any, input_shape: tuple[int, ...]) -> int:
+  """Multiply-adds of convolutions and matrix products for one image, in eval mode.
+
+  Counted from the traced program, with depthwise convolutions as grouped
+  convolutions (the formulation whose count is k*k*C per output pixel).
+  """
+  model = model.clone(depthwise_impl="conv")
+  x = jnp.zeros((1, *input_shape), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, 0.0, train=False)[0])(variables)
+  return _macs(jaxpr.jaxpr)

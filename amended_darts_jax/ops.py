@@ -1,0 +1,309 @@
+"""The eight DARTS operations as Flax Linen modules (NHWC).
+
+They follow DARTS' reference definitions: activation-conv-BN order, separable
+convolutions applied twice, dilated convolutions with dilation 2, factorized
+reduce for a strided skip, average pooling that does not count padding. Weights
+are initialised as PyTorch does (uniform in +-1/sqrt(fan_in)) so that search
+dynamics match.
+
+Depthwise convolutions have three formulations with the same parameters: XLA's
+grouped convolution (`feature_group_count=C`), fast on GPU/TPU but 10-80x slow
+on XLA:CPU; a sum of k*k shifted multiplies; and a full convolution with a
+diagonal kernel. `depthwise_impl="auto"` picks by backend and kernel size at
+trace time (`resolve_depthwise_impl`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# PyTorch's default for conv and linear weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's default bias of a linear layer: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                  bound)
+
+
+def _kernel_fan_in(shape) -> int:
+  if len(shape) == 3:  # depthwise (k, k, C): each output sees a k x k window
+    return shape[0] * shape[1]
+  return int(np.prod(shape[:-1]))  # HWIO conv or (in, out) dense
+
+
+def init_variables(module: nn.Module, seed: int, *args, **kwargs) -> dict[str, Any]:
+  """`module.init` without compiling it: shapes by tracing, values drawn on the host.
+
+  Compiling `init` costs more than the training step here (a random-number
+  program per parameter; 30-110 s for a 3-cell supernet on 2 CPU cores). The
+  values follow the same rules the modules declare: kernels U(+-1/sqrt(fan_in))
+  (`torch_init`), a dense bias U(+-1/sqrt(fan_in)) of its kernel, batch-norm
+  scale 1 and bias 0, running mean 0 and variance 1.
+  """
+  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0),
+                          *args)
+  rng = np.random.default_rng(seed)
+
+  def fill(collection, tree):
+    out = {}
+    for name, leaf in tree.items():
+      if isinstance(leaf, dict):
+        out[name] = fill(collection, leaf)
+        continue
+      shape, dtype = leaf.shape, leaf.dtype
+      if collection == "batch_stats":
+        value = np.ones(shape) if name == "var" else np.zeros(shape)
+      elif name == "kernel":
+        bound = 1.0 / np.sqrt(_kernel_fan_in(shape))
+        value = rng.uniform(-bound, bound, shape)
+      elif name == "bias" and "kernel" in tree:
+        bound = 1.0 / np.sqrt(_kernel_fan_in(tree["kernel"].shape))
+        value = rng.uniform(-bound, bound, shape)
+      elif name == "scale":
+        value = np.ones(shape)
+      elif name == "bias":
+        value = np.zeros(shape)
+      else:
+        raise ValueError(f"init_variables has no rule for parameter {name!r}")
+      out[name] = jnp.asarray(value, dtype)
+    return out
+
+  return {collection: fill(collection, tree) for collection, tree in shapes.items()}
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    # Smooth stand-ins, for comparisons of exact and finite-difference products.
+    "softplus": nn.softplus,
+    "gelu": nn.gelu,
+    "tanh": jnp.tanh,
+}
+DEPTHWISE_IMPLS = ("auto", "conv", "shift", "dense")
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}") from None
+
+
+def resolve_depthwise_impl(impl: str, kernel_size: int) -> str:
+  """The formulation `impl` means for a k x k kernel on the current backend.
+
+  "auto" keeps XLA's grouped convolution on GPU/TPU. On CPU it takes the dense
+  diagonal-kernel convolution for 3x3 (as fast as the shifted sum there, and
+  3-5x quicker to compile) and the shifted sum for larger kernels, where the
+  dense form's k*k*C^2 work loses; see BUILD_NOTES.md for the measurements.
+  """
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    if jax.default_backend() != "cpu":
+      return "conv"
+    return "dense" if kernel_size <= 3 else "shift"
+  return impl
+
+
+def out_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+  return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def depthwise_conv_grouped(x_NHWC, kernel_KKC, stride, pad, dilation):
+  """Depthwise convolution as XLA's grouped convolution."""
+  channels = x_NHWC.shape[-1]
+  return jax.lax.conv_general_dilated(
+      x_NHWC, kernel_KKC[:, :, None, :], (stride, stride), [(pad, pad), (pad, pad)],
+      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels)
+
+
+def depthwise_conv_dense(x_NHWC, kernel_KKC, stride, pad, dilation):
+  """The same depthwise convolution as a full convolution with a diagonal kernel."""
+  channels = x_NHWC.shape[-1]
+  kernel_KKCC = kernel_KKC[:, :, :, None] * jnp.eye(channels, dtype=kernel_KKC.dtype)
+  return jax.lax.conv_general_dilated(
+      x_NHWC, kernel_KKCC, (stride, stride), [(pad, pad), (pad, pad)],
+      rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def depthwise_conv_shift(x_NHWC, kernel_KKC, stride, pad, dilation):
+  """The same depthwise convolution as a sum of k*k shifted, strided slices."""
+  k = kernel_KKC.shape[0]
+  n, h, w, c = x_NHWC.shape
+  h_out, w_out = out_size(h, k, stride, pad, dilation), out_size(w, k, stride, pad, dilation)
+  xp = jnp.pad(x_NHWC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = None
+  for i in range(k):
+    for j in range(k):
+      start = (0, i * dilation, j * dilation, 0)
+      limit = (n, i * dilation + (h_out - 1) * stride + 1,
+               j * dilation + (w_out - 1) * stride + 1, c)
+      tap = jax.lax.slice(xp, start, limit, (1, stride, stride, 1)) * kernel_KKC[i, j]
+      out = tap if out is None else out + tap
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """k x k depthwise convolution without bias; `impl` picks the formulation."""
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    # fan_in of a depthwise filter is k*k, as PyTorch's grouped conv counts it.
+    kernel = self.param("kernel", lambda key, shape: torch_init(key, (k, k, 1, shape[-1]))[:, :, 0],
+                        (k, k, x.shape[-1]))
+    fn = {"shift": depthwise_conv_shift, "conv": depthwise_conv_grouped,
+          "dense": depthwise_conv_dense}[resolve_depthwise_impl(self.impl, k)]
+    return fn(x, kernel.astype(x.dtype), self.stride, self.padding, self.dilation)
+
+
+def pointwise(features: int, name: str | None = None) -> nn.Dense:
+  """A 1x1 convolution without bias, as a matrix product over the channel axis."""
+  return nn.Dense(features, use_bias=False, kernel_init=torch_init, name=name)
+
+
+def batch_norm(train: bool, affine: bool, name: str | None = None) -> nn.BatchNorm:
+  """PyTorch's BatchNorm2d defaults: momentum 0.1 (flax: 0.9), eps 1e-5."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      use_scale=affine, use_bias=affine, name=name)
+
+
+class ReLUConvBN(nn.Module):
+  """act -> k x k conv -> BN (DARTS' ReLUConvBN; the cells' preprocessing)."""
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  padding: int = 0
+  affine: bool = True
+  act: str = "relu"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = activation(self.act)(x)
+    if self.kernel_size == 1 and self.stride == 1:
+      x = pointwise(self.features)(x)
+    else:
+      p = self.padding
+      x = nn.Conv(self.features, (self.kernel_size,) * 2, (self.stride,) * 2,
+                  padding=((p, p), (p, p)), use_bias=False, kernel_init=torch_init)(x)
+    return batch_norm(train, self.affine)(x)
+
+
+class SepConv(nn.Module):
+  """Separable conv applied twice: (act, depthwise, 1x1, BN) x 2; only the first strides."""
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int
+  affine: bool = True
+  act: str = "relu"
+  depthwise_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c_in = x.shape[-1]
+    act = activation(self.act)
+    x = DepthwiseConv(self.kernel_size, self.stride, self.padding, 1, self.depthwise_impl)(act(x))
+    x = batch_norm(train, self.affine)(pointwise(c_in)(x))
+    x = DepthwiseConv(self.kernel_size, 1, self.padding, 1, self.depthwise_impl)(act(x))
+    return batch_norm(train, self.affine)(pointwise(self.features)(x))
+
+
+class DilConv(nn.Module):
+  """act -> dilated depthwise conv -> 1x1 conv -> BN."""
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int
+  dilation: int
+  affine: bool = True
+  act: str = "relu"
+  depthwise_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = activation(self.act)(x)
+    x = DepthwiseConv(self.kernel_size, self.stride, self.padding, self.dilation,
+                      self.depthwise_impl)(x)
+    return batch_norm(train, self.affine)(pointwise(self.features)(x))
+
+
+class FactorizedReduce(nn.Module):
+  """Halves the resolution: act, two stride-2 1x1 convs offset by one pixel, concat, BN."""
+  features: int
+  affine: bool = True
+  act: str = "relu"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.features % 2:
+      raise ValueError(f"FactorizedReduce needs an even channel count, got {self.features}")
+    x = activation(self.act)(x)
+    a = pointwise(self.features // 2)(x[:, ::2, ::2])
+    b = pointwise(self.features // 2)(x[:, 1::2, 1::2])
+    return batch_norm(train, self.affine)(jnp.concatenate([a, b], axis=-1))
+
+
+def max_pool_3x3(x, stride):
+  return nn.max_pool(x, (3, 3), (stride, stride), padding=((1, 1), (1, 1)))
+
+
+def avg_pool_3x3(x, stride):
+  return nn.avg_pool(x, (3, 3), (stride, stride), padding=((1, 1), (1, 1)),
+                     count_include_pad=False)
+
+
+class Op(nn.Module):
+  """One named DARTS operation at `stride`, producing `features` channels.
+
+  `pool_bn` appends a non-affine BN to the pools, as DARTS' MixedOp does in search.
+  `none` returns zeros of the output shape.
+  """
+  op_name: str
+  features: int
+  stride: int
+  affine: bool = True
+  pool_bn: bool = False
+  act: str = "relu"
+  depthwise_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    op, s, c = self.op_name, self.stride, self.features
+    common = dict(affine=self.affine, act=self.act)
+    dw = dict(depthwise_impl=self.depthwise_impl)
+    if op == "none":
+      return jnp.zeros_like(x[:, ::s, ::s])
+    if op in ("max_pool_3x3", "avg_pool_3x3"):
+      y = (max_pool_3x3 if op == "max_pool_3x3" else avg_pool_3x3)(x, s)
+      return batch_norm(train, affine=False)(y) if self.pool_bn else y
+    if op == "skip_connect":
+      return x if s == 1 else FactorizedReduce(c, **common)(x, train)
+    if op == "sep_conv_3x3":
+      return SepConv(c, 3, s, 1, **common, **dw)(x, train)
+    if op == "sep_conv_5x5":
+      return SepConv(c, 5, s, 2, **common, **dw)(x, train)
+    if op == "dil_conv_3x3":
+      return DilConv(c, 3, s, 2, 2, **common, **dw)(x, train)
+    if op == "dil_conv_5x5":
+      return DilConv(c, 5, s, 4, 2, **common, **dw)(x, train)
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def is_identity(op: str, stride: int) -> bool:
+  """Whether the op is a plain identity (DARTS skips drop-path for those)."""
+  return op == "skip_connect" and stride == 1

@@ -1,0 +1,291 @@
+"""Search spaces, alphas, genotypes and discretization (MATH.md, "Search spaces").
+
+A cell has two inputs (states 0 and 1: c_{k-2}, c_{k-1}) and `steps` intermediate
+nodes (states 2..steps+1); its output is the concatenation of the nodes. An edge
+is `(source_state, node)`. A genotype lists, per node, two `(op, source_state)`
+pairs, in DARTS' format, so the same discrete network serves every space.
+
+    darts: all 14 edges, 8 ops with `none`, shared normal/reduce alphas, top-2 edges per node
+    s1:    8 fixed edges, 7 ops, shared normal/reduce alphas, argmax per edge
+    s2:    8 fixed edges, {skip_connect, sep_conv_3x3}, one alpha per cell (20 cells)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3",
+              "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+STEPS = 4
+CONCAT = (2, 3, 4, 5)
+
+
+class SpaceError(ValueError):
+  """An unknown search space or an alpha that does not fit one."""
+
+
+class GenotypeError(ValueError):
+  """A genotype that is malformed or does not fit the network asked of it."""
+
+
+def reduction_cells(layers: int) -> tuple[int, ...]:
+  """Indices of the reduction cells: at 1/3 and 2/3 of the depth, as DARTS."""
+  return tuple(sorted({layers // 3, 2 * layers // 3}))
+
+
+def _all_edges(steps):
+  return tuple((src, node) for node in range(steps) for src in range(node + 2))
+
+
+def _chain_edges(steps):
+  """Node 0 takes c_{k-2} and c_{k-1}; node i > 0 takes c_{k-2} and node i-1."""
+  return tuple(e for node in range(steps) for e in ((0, node), (node + 1, node)))
+
+
+Gene = tuple[tuple[str, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Genotype:
+  """A discrete architecture.
+
+  Shared spaces fill `normal` and `reduce` (each `2 * steps` pairs of
+  `(op, source_state)`, node i using pairs 2i and 2i+1). Per-cell spaces (s2)
+  fill `cells` instead, one gene per cell, and leave `normal`/`reduce` empty.
+  """
+  normal: Gene = ()
+  normal_concat: tuple[int, ...] = CONCAT
+  reduce: Gene = ()
+  reduce_concat: tuple[int, ...] = CONCAT
+  cells: tuple[Gene, ...] = ()
+
+  @property
+  def per_cell(self) -> bool:
+    return bool(self.cells)
+
+  def gene(self, cell: int, reduction: bool) -> tuple[Gene, tuple[int, ...]]:
+    """The gene and concat list of cell `cell`."""
+    if self.per_cell:
+      return self.cells[cell], (self.reduce_concat if reduction else self.normal_concat)
+    return (self.reduce, self.reduce_concat) if reduction else (self.normal, self.normal_concat)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = {"normal_concat": list(self.normal_concat), "reduce_concat": list(self.reduce_concat)}
+    if self.per_cell:
+      d["cells"] = [[list(p) for p in g] for g in self.cells]
+    else:
+      d["normal"] = [list(p) for p in self.normal]
+      d["reduce"] = [list(p) for p in self.reduce]
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Any, where: str = "genotype") -> "Genotype":
+    """Validates and builds a genotype; raises GenotypeError naming what is wrong."""
+    if not isinstance(d, Mapping):
+      raise GenotypeError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    unknown = set(d) - {"normal", "normal_concat", "reduce", "reduce_concat", "cells"}
+    if unknown:
+      raise GenotypeError(f"{where}: unknown field(s) {sorted(unknown)}")
+    per_cell = "cells" in d
+    if per_cell and ("normal" in d or "reduce" in d):
+      raise GenotypeError(f"{where}: give either 'cells' or 'normal'/'reduce', not both")
+    if not per_cell and not ("normal" in d and "reduce" in d):
+      raise GenotypeError(f"{where}: needs 'normal' and 'reduce' (or 'cells' for s2)")
+    concat = {}
+    for key in ("normal_concat", "reduce_concat"):
+      concat[key] = _parse_concat(d.get(key, list(CONCAT)), f"{where}.{key}")
+    if per_cell:
+      if not isinstance(d["cells"], list) or not d["cells"]:
+        raise GenotypeError(f"{where}.cells: expected a non-empty list of genes")
+      cells = tuple(_parse_gene(g, f"{where}.cells[{i}]") for i, g in enumerate(d["cells"]))
+      return cls(cells=cells, **concat)
+    return cls(normal=_parse_gene(d["normal"], f"{where}.normal"),
+               reduce=_parse_gene(d["reduce"], f"{where}.reduce"), **concat)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1)
+
+  def save(self, path: str) -> None:
+    """Writes the genotype as JSON, atomically (a partial file never replaces a good one)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.write(self.to_json() + "\n")
+    os.replace(tmp, path)
+
+
+def _parse_gene(gene: Any, where: str) -> Gene:
+  if not isinstance(gene, list) or not gene or len(gene) % 2:
+    raise GenotypeError(f"{where}: expected a non-empty list of an even number of "
+                        "[op, input] pairs")
+  pairs = []
+  for k, pair in enumerate(gene):
+    node = k // 2
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str)
+        or isinstance(pair[1], bool) or not isinstance(pair[1], int)):
+      raise GenotypeError(f"{where}[{k}]: expected [op_name, input_index], got {pair!r}")
+    op, src = pair
+    if op not in PRIMITIVES or op == "none":
+      raise GenotypeError(f"{where}[{k}]: unknown operation {op!r}; known: "
+                          f"{', '.join(PRIMITIVES[1:])}")
+    if not 0 <= src < node + 2:
+      raise GenotypeError(f"{where}[{k}]: node {node} can take inputs 0..{node + 1}, got {src}")
+    pairs.append((op, src))
+  return tuple(pairs)
+
+
+def _parse_concat(concat: Any, where: str) -> tuple[int, ...]:
+  if (not isinstance(concat, list) or not concat
+      or not all(isinstance(c, int) and not isinstance(c, bool) for c in concat)):
+    raise GenotypeError(f"{where}: expected a non-empty list of state indices")
+  return tuple(concat)
+
+
+def load_genotype(path: str) -> Genotype:
+  """Reads a genotype.json, with one clear error for a missing or malformed file."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError as e:
+    raise GenotypeError(f"cannot read genotype file {path}: {e.strerror}") from None
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise GenotypeError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+  return Genotype.from_dict(data, where=path)
+
+
+DARTS_V1 = Genotype(
+    normal=(("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_3x3", 1),
+            ("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 2)),
+    reduce=(("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 0),
+            ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("avg_pool_3x3", 0)))
+DARTS_V2 = Genotype(
+    normal=(("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+            ("sep_conv_3x3", 1), ("skip_connect", 0), ("skip_connect", 0), ("dil_conv_3x3", 2)),
+    reduce=(("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 1),
+            ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("max_pool_3x3", 1)))
+GENOTYPES = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2}
+
+
+def get_genotype(name_or_path: str) -> Genotype:
+  """A published genotype by name (DARTS_V1, DARTS_V2) or a genotype.json path."""
+  if name_or_path in GENOTYPES:
+    return GENOTYPES[name_or_path]
+  if not os.path.exists(name_or_path):
+    raise GenotypeError(f"{name_or_path!r} is neither a known genotype "
+                        f"({', '.join(GENOTYPES)}) nor an existing genotype.json file")
+  return load_genotype(name_or_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """A declarative search space: edges, operations, alpha sharing and discretization."""
+  name: str
+  ops: tuple[str, ...]
+  edges: tuple[tuple[int, int], ...]
+  per_cell: bool  # one alpha per cell (s2) instead of one per cell type
+  discretize: str  # "top2": best two incoming edges per node; "argmax": per edge
+  default_layers: int
+  steps: int = STEPS
+
+  @property
+  def num_edges(self) -> int:
+    return len(self.edges)
+
+  @property
+  def num_ops(self) -> int:
+    return len(self.ops)
+
+  def alpha_shapes(self, layers: int | None = None) -> dict[str, tuple[int, ...]]:
+    layers = layers or self.default_layers
+    if self.per_cell:
+      return {"cells": (layers, self.num_edges, self.num_ops)}
+    return {"normal": (self.num_edges, self.num_ops), "reduce": (self.num_edges, self.num_ops)}
+
+  def init_alpha(self, key: jax.Array, layers: int | None = None,
+                 dtype=jnp.float32) -> dict[str, jax.Array]:
+    """DARTS' initialisation: 1e-3 times a standard normal, as a dict of arrays."""
+    shapes = self.alpha_shapes(layers)
+    keys = jax.random.split(key, len(shapes))
+    return {name: 1e-3 * jax.random.normal(k, shape, dtype)
+            for k, (name, shape) in zip(keys, sorted(shapes.items()))}
+
+  def cell_alpha(self, alpha: Mapping[str, jax.Array], cell: int, reduction: bool) -> jax.Array:
+    """The (edges, ops) alpha that cell `cell` uses."""
+    if self.per_cell:
+      return alpha["cells"][cell]
+    return alpha["reduce"] if reduction else alpha["normal"]
+
+  def check_alpha(self, alpha: Mapping[str, Any], layers: int | None = None) -> None:
+    expected = self.alpha_shapes(layers)
+    got = {k: tuple(np.shape(v)) for k, v in alpha.items()}
+    if got != expected:
+      raise SpaceError(f"alpha for space {self.name!r} must have shapes {expected}, got {got}")
+
+  def num_architectures(self, layers: int | None = None) -> int:
+    """The exact number of discrete architectures (MATH.md)."""
+    if self.discretize == "top2":
+      choices = len([o for o in self.ops if o != "none"])
+      per_cell = 1
+      for node in range(self.steps):
+        per_cell *= math.comb(node + 2, 2) * choices ** 2
+    else:
+      per_cell = self.num_ops ** self.num_edges
+    cells = (layers or self.default_layers) if self.per_cell else 2
+    return per_cell ** cells
+
+  def genotype(self, alpha: Mapping[str, Any]) -> Genotype:
+    """Discretizes alphas (logits) into a genotype, on softmaxed weights as DARTS does."""
+    weights = {k: np.asarray(jax.nn.softmax(jnp.asarray(v, jnp.float32), axis=-1))
+               for k, v in alpha.items()}
+    if self.per_cell:
+      return Genotype(cells=tuple(self._gene(w) for w in weights["cells"]))
+    return Genotype(normal=self._gene(weights["normal"]), reduce=self._gene(weights["reduce"]))
+
+  def _gene(self, w_ExO: np.ndarray) -> Gene:
+    usable = [k for k, op in enumerate(self.ops) if op != "none"]
+    gene = []
+    for node in range(self.steps):
+      incoming = [e for e, (_, dst) in enumerate(self.edges) if dst == node]
+      if self.discretize == "top2":
+        # DARTS: rank incoming edges by their strongest non-`none` op; keep two.
+        incoming = sorted(incoming, key=lambda e: -w_ExO[e, usable].max())[:2]
+      for e in incoming:
+        best = usable[int(np.argmax(w_ExO[e, usable]))]
+        gene.append((self.ops[best], self.edges[e][0]))
+    return tuple(gene)
+
+
+SPACES = {
+    "darts": SearchSpace("darts", PRIMITIVES, _all_edges(STEPS), per_cell=False,
+                         discretize="top2", default_layers=8),
+    "s1": SearchSpace("s1", PRIMITIVES[1:], _chain_edges(STEPS), per_cell=False,
+                      discretize="argmax", default_layers=8),
+    "s2": SearchSpace("s2", ("skip_connect", "sep_conv_3x3"), _chain_edges(STEPS), per_cell=True,
+                      discretize="argmax", default_layers=20),
+}
+
+
+def get_space(name: str) -> SearchSpace:
+  """The search space called `name`; an unknown name is a SpaceError listing the known ones."""
+  try:
+    return SPACES[name]
+  except KeyError:
+    raise SpaceError(f"unknown search space {name!r}; known spaces: "
+                     f"{', '.join(sorted(SPACES))}") from None
+
+
+def alpha_to_lists(space: SearchSpace, alpha: Mapping[str, Any]) -> dict[str, Any]:
+  """Softmaxed alphas as plain nested lists, for alphas.json."""
+  return {"space": space.name, "ops": list(space.ops),
+          "edges": [list(e) for e in space.edges],
+          **{k: np.asarray(jax.nn.softmax(jnp.asarray(v, jnp.float32), -1)).tolist()
+             for k, v in alpha.items()}}

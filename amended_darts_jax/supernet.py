@@ -1,0 +1,120 @@
+"""The search supernet: a pure Linen module with alpha as an input.
+
+    variables = Supernet(...).init(key, x, alpha, train=False)
+    logits, updates = Supernet(...).apply(variables, x, alpha, train=True,
+                                          mutable=["batch_stats"])
+
+`variables["params"]` is omega; alpha is a separate pytree (spaces.SearchSpace.
+init_alpha) and each cell mixes its ops by softmax(alpha) (paper eq. 1). The
+layout follows DARTS' search network: a 3C-channel stem, non-affine batch norm
+in the cells, channels doubled at the reduction cells (1/3 and 2/3 of depth),
+each cell the concatenation of its 4 nodes, global average pooling, a linear
+classifier.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from amended_darts_jax import ops, spaces
+
+
+class MixedOp(nn.Module):
+  """sum_o softmax(alpha)_o * o(x) over the space's ops (paper eq. 1)."""
+  op_names: tuple[str, ...]
+  features: int
+  stride: int
+  act: str = "relu"
+  depthwise_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, weights_O, train: bool):
+    out = None
+    for k, op in enumerate(self.op_names):
+      if op == "none":  # contributes zeros; its weight still enters the softmax
+        continue
+      y = ops.Op(op, self.features, self.stride, affine=False, pool_bn=True, act=self.act,
+                 depthwise_impl=self.depthwise_impl, name=op)(x, train)
+      y = weights_O[k].astype(y.dtype) * y
+      out = y if out is None else out + y
+    if out is None:
+      out = jnp.zeros_like(x[:, ::self.stride, ::self.stride])
+    return out
+
+
+class SearchCell(nn.Module):
+  """A cell of the supernet: preprocess both inputs, then each node sums its mixed edges."""
+  space: spaces.SearchSpace
+  features: int
+  reduction: bool
+  reduction_prev: bool
+  train: bool
+  act: str = "relu"
+  depthwise_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, s0, s1, weights_ExO):
+    c, train = self.features, self.train
+    if self.reduction_prev:
+      s0 = ops.FactorizedReduce(c, affine=False, act=self.act, name="pre0")(s0, train)
+    else:
+      s0 = ops.ReLUConvBN(c, affine=False, act=self.act, name="pre0")(s0, train)
+    s1 = ops.ReLUConvBN(c, affine=False, act=self.act, name="pre1")(s1, train)
+    states = [s0, s1]
+    for node in range(self.space.steps):
+      total = None
+      for e, (src, dst) in enumerate(self.space.edges):
+        if dst != node:
+          continue
+        stride = 2 if self.reduction and src < 2 else 1
+        y = MixedOp(self.space.ops, c, stride, self.act, self.depthwise_impl,
+                    name=f"edge{e}")(states[src], weights_ExO[e], train)
+        total = y if total is None else total + y
+      states.append(total)
+    return jnp.concatenate(states[2:], axis=-1)
+
+
+class Supernet(nn.Module):
+  """The DARTS search network for any space; `remat` rematerializes per cell."""
+  space_name: str = "darts"
+  C: int = 16
+  layers: int = 8
+  num_classes: int = 10
+  stem_multiplier: int = 3
+  act: str = "relu"
+  depthwise_impl: str = "auto"
+  remat: bool = False
+
+  @property
+  def space(self) -> spaces.SearchSpace:
+    return spaces.get_space(self.space_name)
+
+  def init_alpha(self, key, dtype=jnp.float32):
+    return self.space.init_alpha(key, self.layers, dtype)
+
+  @nn.compact
+  def __call__(self, x_NHWC, alpha, train: bool = True):
+    space = self.space
+    c_curr = self.stem_multiplier * self.C
+    x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                kernel_init=ops.torch_init, name="stem_conv")(x_NHWC)
+    x = ops.batch_norm(train, affine=True, name="stem_bn")(x)
+    s0 = s1 = x
+    c_curr = self.C
+    reductions = spaces.reduction_cells(self.layers)
+    cell_cls = nn.remat(SearchCell) if self.remat else SearchCell
+    reduction_prev = False
+    for i in range(self.layers):
+      reduction = i in reductions
+      if reduction:
+        c_curr *= 2
+      weights_ExO = jax.nn.softmax(space.cell_alpha(alpha, i, reduction), axis=-1)
+      cell = cell_cls(space, c_curr, reduction, reduction_prev, train, self.act,
+                      self.depthwise_impl, name=f"cell{i}")
+      s0, s1 = s1, cell(s0, s1, weights_ExO)
+      reduction_prev = reduction
+    pooled = jnp.mean(s1, axis=(1, 2))
+    return nn.Dense(self.num_classes, kernel_init=ops.torch_init,
+                    bias_init=ops.torch_bias_init(pooled.shape[-1]), name="classifier")(pooled)

@@ -1,0 +1,111 @@
+"""Discrete networks, parameter and multiply-add counts, pictures."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amended_darts_jax import networks, ops, spaces, visualize
+
+
+def _eval_shapes(model, x, train):
+  rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+  return jax.eval_shape(functools.partial(model.init, train=train), rngs, x, 0.0)
+
+
+def test_darts_v2_parameter_counts_match_darts():
+  """DARTS reports 3.3M (CIFAR-10, C=36, 20 cells) and 4.7M (ImageNet, C=48, 14 cells)."""
+  cifar = networks.NetworkCIFAR(spaces.DARTS_V2, C=36, layers=20, num_classes=10)
+  v = _eval_shapes(cifar, jnp.zeros((1, 32, 32, 3)), train=True)
+  assert "auxiliary_head" in str(jax.tree_util.tree_structure(v["params"]))
+  assert networks.count_params(v["params"]) == 3_349_342  # DARTS' log: "param size = 3.349342MB"
+  assert networks.count_params(v["params"], exclude=None) > 3_349_342
+  imagenet = networks.NetworkImageNet(spaces.DARTS_V2, C=48, layers=14, num_classes=1000)
+  v = _eval_shapes(imagenet, jnp.zeros((1, 224, 224, 3)), train=True)
+  assert round(networks.count_params(v["params"]) / 1e6, 1) == 4.7
+
+
+def test_count_macs_of_known_convolutions():
+  """Multiply-adds of a conv and a dense layer, checked by hand."""
+  import flax.linen as nn
+
+  class Tiny(nn.Module):
+    depthwise_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, drop_path_rate=0.0, train=False):
+      x = nn.Conv(8, (3, 3), (2, 2), padding=((1, 1), (1, 1)))(x)  # 5x5x8 out, 3*3*4 in
+      x = ops.DepthwiseConv(3, 1, 1, impl=self.depthwise_impl)(x)  # 5x5x8 out, 3*3 in
+      return nn.Dense(6)(x.reshape(x.shape[0], -1)), None  # 200 in, 6 out
+
+  model = Tiny()
+  v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 10, 10, 4)))
+  expected = 5 * 5 * 8 * 3 * 3 * 4 + 5 * 5 * 8 * 3 * 3 + 200 * 6
+  assert networks.count_macs(model, v, (10, 10, 4)) == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar():
+  model = networks.NetworkCIFAR(spaces.DARTS_V2, C=4, layers=3, num_classes=5,
+                                auxiliary=True, depthwise_impl="conv")
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
+  variables = ops.init_variables(model, 0, x, 0.0, train=True)
+  return model, variables, x
+
+
+def test_discrete_network_shapes_and_auxiliary_head_only_in_training(tiny_cifar):
+  model, variables, x = tiny_cifar
+  apply = jax.jit(lambda v, x, rate, key, train: model.apply(
+      v, x, rate, train=train, rngs={"dropout": key}, mutable=["batch_stats"] if train else False),
+      static_argnames="train")
+  (logits, aux), _ = apply(variables, x, 0.0, jax.random.PRNGKey(1), True)
+  assert logits.shape == (3, 5) and aux.shape == (3, 5)
+  logits, aux = apply(variables, x, 0.0, jax.random.PRNGKey(1), False)
+  assert logits.shape == (3, 5) and aux is None
+
+
+def test_drop_path_identity_at_rate_zero_and_in_eval(tiny_cifar):
+  model, variables, x = tiny_cifar
+
+  @functools.partial(jax.jit, static_argnames="train")
+  def forward(rate, key, train):
+    out = model.apply(variables, x, rate, train=train, rngs={"dropout": key},
+                      mutable=["batch_stats"] if train else False)
+    return (out[0] if train else out)[0]
+
+  k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  # Training: rate 0 ignores the key; rate 0.5 depends on it.
+  np.testing.assert_array_equal(forward(0.0, k1, True), forward(0.0, k2, True))
+  assert not np.allclose(forward(0.5, k1, True), forward(0.5, k2, True))
+  # Evaluation: no drop-path whatever the rate.
+  np.testing.assert_array_equal(forward(0.5, k1, False), forward(0.0, k2, False))
+  x = jnp.arange(24.0).reshape(4, 1, 2, 3)
+  np.testing.assert_array_equal(networks.drop_path(x, 0.0, k1), x)
+  dropped = networks.drop_path(x, 0.5, jax.random.PRNGKey(3))
+  for i in range(4):  # each sample is either zeroed or scaled by 1/(1 - rate)
+    assert np.all(dropped[i] == 0) or np.allclose(dropped[i], 2 * x[i])
+
+
+def test_per_cell_genotype_must_match_depth():
+  genotype = spaces.Genotype(cells=(spaces.DARTS_V2.normal,) * 4)
+  model = networks.NetworkCIFAR(genotype, C=4, layers=3, num_classes=5)
+  with pytest.raises(spaces.GenotypeError, match="4 per-cell genes but the network has 3 cells"):
+    _eval_shapes(model, jnp.zeros((1, 32, 32, 3)), train=False)
+  model = networks.NetworkCIFAR(genotype, C=4, layers=4, num_classes=5, auxiliary=False)
+  logits, aux = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, 32, 32, 3)), 0.0),
+                               _eval_shapes(model, jnp.zeros((1, 32, 32, 3)), train=False))
+  assert logits.shape == (2, 5) and aux is None
+
+
+def test_visualize_writes_dot_png_svg(tmp_path):
+  for name, genotype in [("darts", spaces.DARTS_V2),
+                         ("s2", spaces.Genotype(cells=(spaces.DARTS_V1.normal,) * 20))]:
+    out = visualize.render(genotype, str(tmp_path / name))
+    dot = open(out["dot"]).read()
+    assert dot.startswith("digraph") and dot.count("subgraph") == (2 if name == "darts" else 20)
+    for op, _ in genotype.gene(0, False)[0]:
+      assert f'label="{op}"' in dot
+    assert open(out["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in open(out["svg"], "rb").read(2000)

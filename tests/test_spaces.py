@@ -1,0 +1,157 @@
+"""Search spaces, discretization and genotype files."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from amended_darts_jax import spaces
+
+
+def test_architecture_counts_match_direct_count():
+  # darts: per node choose 2 of its i+2 inputs, 7 non-none ops per kept edge; two cell types.
+  per_cell = math.prod(math.comb(i + 2, 2) for i in range(4)) * 7 ** 8
+  assert spaces.get_space("darts").num_architectures() == per_cell ** 2
+  assert spaces.get_space("darts").num_architectures() == 1_076_746_950_455_072_400
+  assert spaces.get_space("s1").num_architectures() == 7 ** 16 == 33_232_930_569_601
+  assert spaces.get_space("s2").num_architectures() == 2 ** 160
+
+
+def test_space_structure():
+  darts, s1, s2 = (spaces.get_space(n) for n in ("darts", "s1", "s2"))
+  assert darts.num_edges == 14 and darts.num_ops == 8 and "none" in darts.ops
+  assert s1.num_edges == 8 and s1.num_ops == 7 and "none" not in s1.ops
+  assert s2.ops == ("skip_connect", "sep_conv_3x3")
+  # Fixed edges: node 0 takes both inputs, node i takes c_{k-2} and node i-1.
+  assert s1.edges == ((0, 0), (1, 0), (0, 1), (2, 1), (0, 2), (3, 2), (0, 3), (4, 3))
+  assert s2.alpha_shapes() == {"cells": (20, 8, 2)}
+  assert darts.alpha_shapes() == {"normal": (14, 8), "reduce": (14, 8)}
+
+
+def test_unknown_space_lists_known_ones():
+  with pytest.raises(spaces.SpaceError, match="unknown search space 'nas101'.*darts, s1, s2"):
+    spaces.get_space("nas101")
+
+
+def test_alpha_init_is_small_normal():
+  alpha = spaces.get_space("darts").init_alpha(jax.random.PRNGKey(0))
+  values = np.concatenate([np.ravel(v) for v in alpha.values()])
+  assert values.size == 2 * 14 * 8
+  assert 0.7e-3 < values.std() < 1.3e-3 and abs(values.mean()) < 3e-4
+  spaces.get_space("darts").check_alpha(alpha)
+  with pytest.raises(spaces.SpaceError, match="must have shapes"):
+    spaces.get_space("s1").check_alpha(alpha)
+
+
+def _edge(space, src, node):
+  return space.edges.index((src, node))
+
+
+def test_darts_discretization_top2_ignores_none():
+  space = spaces.get_space("darts")
+  ops = {op: k for k, op in enumerate(space.ops)}
+  a = np.zeros((14, 8), np.float32)
+  # Ranking uses softmaxed weights, as DARTS does. Node 0 keeps both its edges, the
+  # stronger first: the edge from state 0 is `none`-dominated, so its sep_conv_5x5
+  # weight (~1e-3) ranks below state 1's max_pool (~0.28).
+  a[_edge(space, 0, 0), ops["none"]] = 9.0
+  a[_edge(space, 0, 0), ops["sep_conv_5x5"]] = 2.0
+  a[_edge(space, 1, 0), ops["max_pool_3x3"]] = 1.0
+  # Node 1: the edge from state 0 has the largest weight of all, on `none`; `none` is
+  # ignored, so it loses to the edges from state 2 and state 1.
+  a[_edge(space, 2, 1), ops["dil_conv_3x3"]] = 3.0
+  a[_edge(space, 1, 1), ops["skip_connect"]] = 2.5
+  a[_edge(space, 0, 1), ops["none"]] = 8.0
+  a[_edge(space, 0, 1), ops["avg_pool_3x3"]] = 0.5
+  # Node 2 and 3: states 3 and 4 clearly best.
+  a[_edge(space, 3, 2), ops["sep_conv_3x3"]] = 4.0
+  a[_edge(space, 0, 2), ops["dil_conv_5x5"]] = 3.5
+  a[_edge(space, 4, 3), ops["skip_connect"]] = 5.0
+  a[_edge(space, 2, 3), ops["max_pool_3x3"]] = 4.5
+  g = space.genotype({"normal": a, "reduce": a})
+  assert g.normal == (("max_pool_3x3", 1), ("sep_conv_5x5", 0),
+                      ("dil_conv_3x3", 2), ("skip_connect", 1),
+                      ("sep_conv_3x3", 3), ("dil_conv_5x5", 0),
+                      ("skip_connect", 4), ("max_pool_3x3", 2))
+  assert "none" not in {op for op, _ in g.normal}
+
+
+def test_argmax_discretization_per_edge_and_per_cell():
+  s1 = spaces.get_space("s1")
+  a = np.zeros((8, 7), np.float32)
+  best = [3, 0, 6, 2, 5, 1, 4, 3]
+  for e, k in enumerate(best):
+    a[e, k] = 1.0
+  g = s1.genotype({"normal": a, "reduce": -a})
+  assert [op for op, _ in g.normal] == [s1.ops[k] for k in best]
+  assert [src for _, src in g.normal] == [src for src, _ in s1.edges]
+  s2 = spaces.get_space("s2")
+  cells = np.zeros((5, 8, 2), np.float32)
+  cells[2, 3, 1] = 1.0
+  g2 = s2.genotype({"cells": cells + np.array([0.1, 0.0])})  # default: skip wins
+  assert len(g2.cells) == 5
+  assert g2.cells[2][3] == ("sep_conv_3x3", 2)
+  assert sum(op == "sep_conv_3x3" for gene in g2.cells for op, _ in gene) == 1
+
+
+@pytest.mark.parametrize("genotype", [spaces.DARTS_V1, spaces.DARTS_V2,
+                                      spaces.Genotype(cells=(spaces.DARTS_V2.normal,) * 3)])
+def test_genotype_json_round_trip(tmp_path, genotype):
+  path = str(tmp_path / "genotype.json")
+  genotype.save(path)
+  assert spaces.load_genotype(path) == genotype
+  assert spaces.get_genotype(path) == genotype
+  assert json.loads(open(path).read()) == genotype.to_dict()
+
+
+def test_published_genotypes_by_name():
+  assert spaces.get_genotype("DARTS_V2") is spaces.DARTS_V2
+  assert spaces.DARTS_V2.normal[7] == ("dil_conv_3x3", 2)
+  with pytest.raises(spaces.GenotypeError, match="neither a known genotype"):
+    spaces.get_genotype("DARTS_V3")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"normal": [["sep_conv_3x3", 0]]}', "needs 'normal' and 'reduce'"),
+    ('{"normal": [["sep_conv_3x3", 0], ["conv_9x9", 1]], "reduce": []}', "unknown operation 'conv_9x9'"),
+    ('{"normal": [["sep_conv_3x3", 0], ["skip_connect", 1], ["skip_connect", 3], ["skip_connect", 0]],'
+     ' "reduce": [["sep_conv_3x3", 0], ["skip_connect", 1]]}', "node 1 can take inputs 0..2, got 3"),
+    ('{"normal": [["sep_conv_3x3", 0]], "reduce": [["sep_conv_3x3", 0], ["skip_connect", 1]]}',
+     "even number"),
+    ('{"normal": [["none", 0], ["skip_connect", 1]], "reduce": [["skip_connect", 0], ["skip_connect", 1]]}',
+     "unknown operation 'none'"),
+    ('{"normal": [["sep_conv_3x3", "0"], ["skip_connect", 1]], "reduce": []}', "expected \\[op_name, input_index\\]"),
+    ('{"cells": [], "normal_concat": [2]}', "non-empty list of genes"),
+    ('{"normal": [["skip_connect", 0], ["skip_connect", 1]], "reduce": [["skip_connect", 0], ["skip_connect", 1]], "colour": 1}',
+     "unknown field"),
+])
+def test_malformed_genotype_file_is_a_clear_error(tmp_path, content, message):
+  path = tmp_path / "genotype.json"
+  path.write_text(content)
+  with pytest.raises(spaces.GenotypeError, match=message) as err:
+    spaces.load_genotype(str(path))
+  assert str(path) in str(err.value)
+
+
+def test_missing_genotype_file_is_a_clear_error(tmp_path):
+  with pytest.raises(spaces.GenotypeError, match="cannot read genotype file"):
+    spaces.load_genotype(str(tmp_path / "nope.json"))
+
+
+def test_alpha_to_lists_are_softmaxed_plain_lists():
+  space = spaces.get_space("s1")
+  alpha = space.init_alpha(jax.random.PRNGKey(1))
+  out = spaces.alpha_to_lists(space, alpha)
+  json.dumps(out)
+  np.testing.assert_allclose(np.sum(out["normal"], axis=-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(out["normal"], jax.nn.softmax(alpha["normal"], -1), rtol=1e-6)
+
+
+def test_reduction_cells_at_thirds():
+  assert spaces.reduction_cells(8) == (2, 5)
+  assert spaces.reduction_cells(20) == (6, 13)
+  assert spaces.reduction_cells(3) == (1, 2)

@@ -1,0 +1,174 @@
+"""Operations, the supernet and its alpha gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from amended_darts_jax import ops, spaces, supernet
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("impl", ["shift", "dense"])
+@pytest.mark.parametrize("k, stride, dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 1), (5, 2, 1),
+                                                 (3, 1, 2), (5, 2, 2)])
+def test_cpu_depthwise_equals_grouped_conv_values_and_gradients(impl, k, stride, dilation):
+  pad = dilation * (k - 1) // 2
+  kx, kk, kc = jax.random.split(jax.random.PRNGKey(k * 10 + stride), 3)
+  x = jax.random.normal(kx, (2, 9, 8, 5), jnp.float64)
+  kernel = jax.random.normal(kk, (k, k, 5), jnp.float64)
+  fn = {"shift": ops.depthwise_conv_shift, "dense": ops.depthwise_conv_dense}[impl]
+  ref = ops.depthwise_conv_grouped(x, kernel, stride, pad, dilation)
+  got = fn(x, kernel, stride, pad, dilation)
+  assert got.shape == ref.shape
+  np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+  cot = jax.random.normal(kc, ref.shape, jnp.float64)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, stride, pad, dilation)) * cot)
+  g_ref = jax.grad(loss(ops.depthwise_conv_grouped), (0, 1))(x, kernel)
+  g_got = jax.grad(loss(fn), (0, 1))(x, kernel)
+  for a, b in zip(g_got, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_depthwise_impl_resolution():
+  assert ops.resolve_depthwise_impl("conv", 3) == "conv"
+  if jax.default_backend() == "cpu":
+    assert ops.resolve_depthwise_impl("auto", 3) == "dense"
+    assert ops.resolve_depthwise_impl("auto", 5) == "shift"
+  with pytest.raises(ValueError, match="depthwise_impl must be one of"):
+    ops.resolve_depthwise_impl("winograd", 3)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_every_operation_gets_a_nonzero_alpha_gradient(stride):
+  op_names = spaces.PRIMITIVES
+  model = supernet.MixedOp(op_names, 4, stride, depthwise_impl="conv")
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 4))
+  w = jnp.full((len(op_names),), 1.0 / len(op_names))
+  variables = ops.init_variables(model, 1, x, w, train=False)
+
+  def loss(alpha):
+    y, _ = model.apply(variables, x, jax.nn.softmax(alpha), True, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(y))
+
+  grad = jax.jit(jax.grad(loss))(jnp.zeros(len(op_names)))
+  assert np.all(np.abs(np.asarray(grad)) > 1e-6), dict(zip(op_names, np.asarray(grad)))
+  y = model.apply(variables, x, w, False)
+  assert y.shape == (3, 8 // stride, 8 // stride, 4)
+
+
+@pytest.mark.parametrize("space", ["darts", "s1", "s2"])
+@pytest.mark.parametrize("C, layers, size", [(4, 3, 8), (6, 5, 16)])
+def test_supernet_output_shapes(space, C, layers, size):
+  model = supernet.Supernet(space, C=C, layers=layers, num_classes=7)
+  x = jnp.zeros((2, size, size, 3))
+  alpha = model.init_alpha(jax.random.PRNGKey(0))
+  variables = jax.eval_shape(functools.partial(model.init, train=False),
+                             jax.random.PRNGKey(1), x, alpha)
+  logits, updates = jax.eval_shape(
+      lambda v: model.apply(v, x, alpha, train=True, mutable=["batch_stats"]), variables)
+  assert logits.shape == (2, 7)
+  assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+      variables["batch_stats"])
+  # Channels double at each reduction cell: the last cell outputs 4 nodes x 4C.
+  assert variables["params"]["classifier"]["kernel"].shape == (4 * 4 * C, 7)
+  # Every op of the space has weights or statistics on every edge of cell 0.
+  cell0 = variables["batch_stats"]["cell0"]
+  edges = [k for k in cell0 if k.startswith("edge")]
+  assert len(edges) == spaces.get_space(space).num_edges
+  assert set(cell0["edge0"]) == {op for op in spaces.get_space(space).ops
+                                 if op not in ("none", "skip_connect")}
+
+
+def test_supernet_alpha_gradient_reaches_every_edge_and_op():
+  """darts space, 3 cells (normal, reduce, reduce): dL/dalpha is non-zero everywhere."""
+  model = supernet.Supernet("darts", C=2, layers=3, num_classes=3, depthwise_impl="conv")
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  y = jnp.array([0, 1, 2, 1])
+  alpha = model.init_alpha(jax.random.PRNGKey(1))
+  variables = ops.init_variables(model, 2, x, alpha, train=False)
+
+  @jax.jit
+  def alpha_grad(alpha):
+    def loss(a):
+      logits, _ = model.apply(variables, x, a, train=True, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return jax.grad(loss)(alpha)
+
+  grad = alpha_grad(alpha)
+  for name in ("normal", "reduce"):
+    g = np.abs(np.asarray(grad[name]))
+    assert g.shape == (14, 8)
+    assert np.all(g > 0), (name, np.argwhere(g == 0))
+
+
+def test_alpha_is_an_input_not_a_parameter():
+  model = supernet.Supernet("s2", C=2, layers=3, num_classes=3)
+  x = jnp.zeros((2, 8, 8, 1))
+  alpha = model.init_alpha(jax.random.PRNGKey(0))
+  variables = jax.eval_shape(functools.partial(model.init, train=False),
+                             jax.random.PRNGKey(1), x, alpha)
+  assert set(variables) == {"params", "batch_stats"}
+  assert alpha["cells"].shape == (3, 8, 2)
+  assert not any("alpha" in jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_flatten_with_path(variables["params"])[0])
+  # Changing alpha changes the output without touching the variables.
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 1))
+  variables = ops.init_variables(model, 1, x, alpha, train=False)
+  other = {"cells": alpha["cells"].at[:, :, 1].add(3.0)}
+  assert not np.allclose(model.apply(variables, x, alpha, train=False),
+                         model.apply(variables, x, other, train=False))
+
+
+def test_parameter_count_matches_darts_search_network():
+  """DARTS' model_search.Network(C=16, layers=8) has 1,930,618 parameters (its logs)."""
+  model = supernet.Supernet("darts", C=16, layers=8, num_classes=10)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                             x, model.init_alpha(jax.random.PRNGKey(1)))
+  assert sum(a.size for a in jax.tree.leaves(variables["params"])) == 1_930_618
+
+
+def test_smooth_activation_option_changes_the_function():
+  kw = dict(space_name="s2", C=2, layers=3, num_classes=3, depthwise_impl="conv")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  relu_net, soft_net = supernet.Supernet(**kw), supernet.Supernet(**kw, act="softplus")
+  alpha = relu_net.init_alpha(jax.random.PRNGKey(1))
+  variables = ops.init_variables(relu_net, 2, x, alpha, train=False)
+  a = relu_net.apply(variables, x, alpha, train=False)
+  b = soft_net.apply(variables, x, alpha, train=False)
+  assert not np.allclose(a, b)
+  with pytest.raises(ValueError, match="unknown activation"):
+    supernet.Supernet(**{**kw, "act": "swishy"}).init(jax.random.PRNGKey(2), x, alpha, train=False)
+
+
+def test_host_init_follows_the_declared_initializers():
+  """ops.init_variables draws what module.init would: same tree, constants, bounds."""
+  model = supernet.Supernet("s2", C=4, layers=3, num_classes=5)
+  x = jnp.zeros((2, 8, 8, 3))
+  alpha = model.init_alpha(jax.random.PRNGKey(0))
+  host = ops.init_variables(model, 0, x, alpha, train=False)
+  ref = model.init(jax.random.PRNGKey(0), x, alpha, train=False)
+  assert jax.tree.structure(host) == jax.tree.structure(ref)
+  flat_host = jax.tree_util.tree_flatten_with_path(host)[0]
+  flat_ref = jax.tree.leaves(ref)
+  for (path, h), r in zip(flat_host, flat_ref):
+    name = jax.tree_util.keystr(path)
+    assert h.shape == r.shape and h.dtype == r.dtype, name
+    if np.all(np.asarray(r) == np.asarray(r).ravel()[0]):  # a constant: ones or zeros
+      np.testing.assert_array_equal(h, r, err_msg=name)
+    else:  # random: U(+-1/sqrt(fan_in)) in both; fan_in of a kernel, or of a bias's kernel
+      kernel = h if name.endswith("['kernel']") else None
+      if kernel is None:
+        kernel_path = name.replace("['bias']", "['kernel']")
+        kernel = next(x for p, x in flat_host if jax.tree_util.keystr(p) == kernel_path)
+      shape = kernel.shape
+      fan_in = shape[0] * shape[1] if len(shape) == 3 else int(np.prod(shape[:-1]))
+      bound = 1.0 / np.sqrt(fan_in)
+      for values in (h, r):
+        assert float(np.abs(values).max()) <= bound * (1 + 1e-6), name
+        if values.size >= 200:
+          assert float(np.abs(values).max()) > 0.9 * bound, name
