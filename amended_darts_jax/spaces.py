@@ -22,17 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amended_darts_jax.errors import ConfigError, UserError
+
 PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3",
               "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
 STEPS = 4
 CONCAT = (2, 3, 4, 5)
 
 
-class SpaceError(ValueError):
+class SpaceError(ConfigError):
   """An unknown search space or an alpha that does not fit one."""
 
 
-class GenotypeError(ValueError):
+class GenotypeError(UserError, ValueError):
   """A genotype that is malformed or does not fit the network asked of it."""
 
 

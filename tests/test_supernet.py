@@ -37,7 +37,7 @@ def test_depthwise_impl_resolution():
   assert ops.resolve_depthwise_impl("conv", 3) == "conv"
   if jax.default_backend() == "cpu":
     assert ops.resolve_depthwise_impl("auto", 3) == "dense"
-    assert ops.resolve_depthwise_impl("auto", 5) == "shift"
+    assert ops.resolve_depthwise_impl("auto", 5) == "dense"
   with pytest.raises(ValueError, match="depthwise_impl must be one of"):
     ops.resolve_depthwise_impl("winograd", 3)
 

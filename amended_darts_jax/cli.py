@@ -1,0 +1,53 @@
+"""Shared command-line plumbing: absl flags, config files, one-sentence errors."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from amended_darts_jax.errors import UserError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs; a "
+                               "run started again with the same directory resumes.")
+
+
+def workdir() -> str:
+  return _WORKDIR.value
+
+
+class _QuietLibraries:
+  """Drops INFO records of chatty libraries (orbax's dozens of lines per checkpoint)."""
+  NOISY = ("/orbax/", "/xla_bridge.py", "/tensorstore/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
+def quiet_libraries() -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def launch(main: Callable[..., None], default_config: str) -> None:
+  """Defines --config (default: configs/<default_config>) and runs main under absl."""
+  quiet_libraries()
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", default_config)
+  config = config_flags.DEFINE_config_file("config", path, "Config file (a Python file with "
+                                           "get_config()); fields override as --config.FIELD.",
+                                           lock_config=True)
+  flags.mark_flag_as_required("workdir")
+  app.run(functools.partial(main, config_flag=config))
+
+
+def run_or_exit(fn: Callable[[], Any]) -> Any:
+  """Runs fn; an error the user can fix ends the process with one line and exit status 1."""
+  try:
+    return fn()
+  except UserError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)

@@ -1,0 +1,71 @@
+r"""Default search: the embedded 8x8 digits, darts space, amended gradient (exact products).
+
+Runs offline on a 2-core CPU in a few minutes, compilation included, and ends
+with a genotype, its picture and the collapse plots:
+
+  python -m amended_darts_jax.search --workdir=runs/digits
+
+Every field can be overridden, e.g. `--config.method=first_order --config.epochs=5`.
+The other configs start from this one and change only what differs.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  # What to search.
+  c.space = "darts"  # darts | s1 | s2
+  c.dataset = "digits"  # digits (embedded) | cifar10 | cifar100
+  c.data_dir = ""  # tfds data_dir; "" is tfds' default
+  c.download = False  # let tfds try to download and prepare (needs TensorFlow)
+  c.train_portion = 0.5  # search-train share of the training split; the rest validates
+  c.init_channels = 8
+  c.layers = 3
+  c.activation = "relu"  # relu | softplus | gelu | tanh (smooth: exact-vs-fd studies)
+  c.depthwise_impl = "auto"  # auto | conv | shift | dense
+  c.remat = False  # rematerialize per cell (less memory, more time)
+
+  # The architecture gradient.
+  c.method = "amended"  # first_order | darts | amended | implicit
+  c.products = "exact"  # exact | fd
+  c.eta = 0.1  # amending coefficient (paper eq. 6)
+  c.fd_r = 0.01  # finite-difference step r (DARTS: e = r / |v|)
+  c.hessian_weight_decay = True  # H includes the weights' decay: H + wd I (MATH.md)
+  c.damping = 0.0  # implicit: CG on H + (wd + damping) I
+  c.cg_maxiter = 20
+  c.cg_tol = 1e-4
+
+  # Optimization (DARTS' search settings).
+  c.epochs = 25
+  c.batch_size = 64
+  c.lr = 0.025
+  c.lr_min = 0.001
+  c.momentum = 0.9
+  c.weight_decay = 3e-4
+  c.grad_clip = 5.0
+  c.arch_lr = 3e-4
+  c.arch_beta1 = 0.5
+  c.arch_beta2 = 0.999
+  c.arch_weight_decay = 1e-3
+  c.seed = 0
+
+  # Augmentation of search batches (digits: small shifts, no flips).
+  c.crop_padding = 1
+  c.flip = False
+  c.cutout = 0
+
+  # Running.
+  c.max_steps = 0  # stop after this many steps in all; 0: run all epochs
+  c.log_every = 10  # steps
+  c.checkpoint_every = 100  # steps
+  c.eval_every_epochs = 1  # full validation pass in eval mode; 0: never
+  c.monitor_every = 0  # steps between gradient-quality diagnostics; 0: off
+  c.monitor_cg_iters = 50
+  c.monitor_power_iters = 20
+  c.distributed = False  # call jax.distributed.initialize (pods, multi-process)
+  c.coordinator_address = ""  # only where JAX cannot detect the cluster
+  c.num_processes = 0
+  c.process_id = -1
+  c.compilation_cache_dir = "~/.cache/amended_darts_jax/xla"  # "" turns the cache off
+  return c

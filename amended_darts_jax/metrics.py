@@ -1,0 +1,53 @@
+"""One writer for metrics: JSON lines (metrics.jsonl) and TensorBoard events, on process 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+
+class MetricWriter:
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = self._tb = None
+    if not enabled:
+      return
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # TensorBoard events are optional; metrics.jsonl is always written
+      self._tb = None
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None and "step" in record:
+      kind = record.get("kind", "")
+      for key, value in record.items():
+        if key not in ("step", "kind") and isinstance(value, (int, float)) and math.isfinite(value):
+          self._tb.add_scalar(f"{kind}/{key}" if kind else key, value, record["step"])
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
+  """Records of metrics.jsonl (of one kind); where a resumed run repeated a step, the last wins."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  records = {}
+  with open(path) as f:
+    for line in f:
+      r = json.loads(line)
+      if kind is None or r.get("kind") == kind:
+        records[(r.get("kind"), r.get("step"))] = r
+  return sorted(records.values(), key=lambda r: r.get("step", 0))

@@ -1,0 +1,262 @@
+"""The search step, data parallelism, the end-to-end run, resumption and errors."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from amended_darts_jax import ops, parallel, search, spaces
+from amended_darts_jax.configs import default
+from amended_darts_jax.errors import ConfigError, NonFiniteError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """A search small enough to compile in seconds: s2 space, one cell, two channels."""
+  cfg = default.get_config()
+  cfg.space = "s2"
+  cfg.layers = 1
+  cfg.init_channels = 2
+  cfg.batch_size = 16
+  cfg.epochs = 2
+  cfg.log_every = 2
+  cfg.checkpoint_every = 4
+  cfg.compilation_cache_dir = ""
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def _state_and_batches(cfg, num_classes=10, image_shape=(8, 8, 1)):
+  model = search.make_model(cfg, num_classes)
+  w_tx, a_tx, lr_fn = search.make_optimizers(cfg, steps_per_epoch=10)
+  sc = search.StepConfig(model, cfg.method, cfg.products, cfg.eta, cfg.fd_r, cfg.weight_decay,
+                         cfg.damping, cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx, lr_fn)
+  space = spaces.get_space(cfg.space)
+  alpha = space.init_alpha(jax.random.PRNGKey(0), cfg.layers)
+  x = jnp.zeros((2, *image_shape))
+  v = ops.init_variables(model, 0, x, alpha, train=False)
+  state = search.SearchState(jnp.array(0, jnp.int32), v["params"], v["batch_stats"], alpha,
+                             w_tx.init(v["params"]), a_tx.init(alpha), jax.random.PRNGKey(1),
+                             jnp.array(-1, jnp.int32))
+  keys = jax.random.split(jax.random.PRNGKey(5), 4)
+  batch = lambda k1, k2: {"image": jax.random.normal(k1, (cfg.batch_size, *image_shape)),
+                          "label": jax.random.randint(k2, (cfg.batch_size,), 0, num_classes)}
+  return sc, state, batch(keys[0], keys[1]), batch(keys[2], keys[3])
+
+
+def _run_step(sc, state, train, val, devices):
+  mesh = parallel.make_mesh(devices)
+  repl, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  step = jax.jit(functools.partial(search.search_step, sc), in_shardings=(repl, shard, shard),
+                 out_shardings=(repl, repl))
+  put = lambda b: jax.device_put(b, shard)
+  return step(jax.device_put(state, repl), put(train), put(val))
+
+
+@pytest.mark.parametrize("method", ["amended", "darts"])
+def test_step_on_8_devices_equals_one_device(method):
+  assert len(jax.devices()) == 8, "conftest asks XLA for 8 CPU devices"
+  cfg = tiny_config(method=method)
+  sc, state, train, val = _state_and_batches(cfg)
+  one, m1 = _run_step(sc, state, train, val, jax.devices()[:1])
+  eight, m8 = _run_step(sc, state, train, val, jax.devices())
+  # The alpha step moved alpha, and both runs moved it the same way.
+  assert float(jnp.abs(one.alpha["cells"] - state.alpha["cells"]).max()) > 1e-5
+  np.testing.assert_allclose(eight.alpha["cells"], one.alpha["cells"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(m8["arch_grad_norm"], m1["arch_grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(eight.batch_stats), jax.tree.leaves(one.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_weight_step_reuses_the_training_gradient_exactly():
+  """amended/exact: the weight step equals an SGD step on dLt/dw at the old alpha."""
+  cfg = tiny_config(method="amended")
+  sc, state, train, val = _state_and_batches(cfg)
+  new, metrics = _run_step(sc, state, train, val, jax.devices()[:1])
+  loss = lambda p: search.supernet_loss(sc.model, p, state.alpha,
+                                        {**train, "batch_stats": state.batch_stats})
+  (train_loss, _), grad = jax.value_and_grad(loss, has_aux=True)(state.params)
+  updates, _ = sc.w_tx.update(grad, state.w_opt_state, state.params)
+  expected = jax.tree.map(jnp.add, state.params, updates)
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(metrics["train_loss"], train_loss, rtol=1e-5)
+  assert int(new.step) == 1 and int(new.bad_step) == -1
+
+
+def test_non_finite_step_changes_nothing_and_is_recorded():
+  cfg = tiny_config()
+  sc, state, train, val = _state_and_batches(cfg)
+  bad = {**train, "image": train["image"].at[0, 0, 0, 0].set(jnp.nan)}
+  new, _ = _run_step(sc, state, bad, val, jax.devices()[:1])
+  assert int(new.bad_step) == 0 and int(new.step) == 1
+  for a, b in zip(jax.tree.leaves(new.alpha), jax.tree.leaves(state.alpha)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_search_step_traces_once():
+  chex.clear_trace_counter()
+  cfg = tiny_config()
+  sc, state, train, val = _state_and_batches(cfg)
+  traced = chex.assert_max_traces(n=1)(search.search_step)
+  step = jax.jit(functools.partial(traced, sc))
+  for _ in range(3):
+    state, _ = step(state, train, val)
+  assert int(state.step) == 3
+
+
+def test_batch_that_does_not_split_across_devices_is_a_clear_error():
+  with pytest.raises(ConfigError, match="batch size 12 does not split evenly across 8 devices"):
+    parallel.check_batch_split(12, parallel.make_mesh())
+
+
+def _outputs_ok(workdir, cfg, total_steps):
+  genotype = spaces.load_genotype(os.path.join(workdir, "genotype.json"))
+  assert len(genotype.cells) == cfg.layers
+  alphas = json.load(open(os.path.join(workdir, "alphas.json")))
+  np.testing.assert_allclose(np.sum(alphas["cells"], -1), 1.0, rtol=1e-5)
+  assert json.load(open(os.path.join(workdir, "config.json")))["space"] == cfg.space
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [r for r in records if r["kind"] == "step"]
+  assert steps and steps[-1]["step"] == total_steps
+  for key in ("step", "epoch", "train_loss", "val_loss", "val_acc", "steps_per_s"):
+    assert key in steps[0]
+  assert any(r["kind"] == "epoch" and "eval_val_acc" in r for r in records)
+  history = [json.loads(line) for line in open(os.path.join(workdir, "alpha_history.jsonl"))]
+  assert history and "cells" in history[0]
+  for name in ("figure1.png", "cells.png", "cells.svg", "cells.dot"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 100, name
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  return alphas
+
+
+def test_end_to_end_search_on_8_devices(tmp_path):
+  cfg = tiny_config(max_steps=6, batch_size=16)
+  summary = search.run(cfg, str(tmp_path))
+  assert summary["steps"] == 6
+  _outputs_ok(str(tmp_path), cfg, 6)
+
+
+def test_end_to_end_search_on_mock_cifar10(tmp_path):
+  cfg = tiny_config(dataset="cifar10", max_steps=2, crop_padding=4, flip=True, cutout=16,
+                    eval_every_epochs=0, monitor_every=1, monitor_cg_iters=3,
+                    monitor_power_iters=2)
+  with tfds.testing.mock_data(num_examples=64):
+    summary = search.run(cfg, str(tmp_path))
+  assert summary["steps"] == 2
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  monitors = [r for r in records if r["kind"] == "monitor"]
+  assert len(monitors) == 2
+  assert all(-1.0 <= m["cos_amended_implicit"] <= 1.0 for m in monitors)
+  assert all(np.isfinite(m["alpha_hessian_eigenvalue"]) for m in monitors)
+
+
+def test_non_finite_run_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  cfg = tiny_config(max_steps=6, checkpoint_every=2, log_every=1)
+  search.run(cfg, str(tmp_path))  # six good steps, checkpoints at 2, 4, 6
+  cfg = tiny_config(max_steps=10, checkpoint_every=2, log_every=1)
+  # Resuming the same run with a poisoned learning rate is refused (config differs) ...
+  poisoned = tiny_config(max_steps=10, checkpoint_every=2, log_every=1, lr=float("inf"))
+  with pytest.raises(ConfigError, match="different config"):
+    search.run(poisoned, str(tmp_path))
+  # ... and a fresh run with it stops at its first step with no checkpoint written.
+  fresh = tmp_path / "fresh"
+  with pytest.raises(NonFiniteError, match="non-finite loss or gradient at step 0"):
+    search.run(poisoned, str(fresh))
+  assert not any(d.isdigit() for d in os.listdir(fresh / "checkpoints"))
+  summary = search.run(cfg, str(tmp_path))  # the unpoisoned run resumes from step 6
+  assert summary["steps"] == 10
+
+
+def _cli(workdir, *flags, env=None, **kw):
+  cmd = [sys.executable, "-m", "amended_darts_jax.search", f"--workdir={workdir}", *flags]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kw)
+
+
+TINY_FLAGS = ("--config.space=s2", "--config.layers=1", "--config.init_channels=2",
+              "--config.batch_size=16", "--config.epochs=3")
+
+
+def _env(cache_dir):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  return env, f"--config.compilation_cache_dir={cache_dir}"
+
+
+def test_resume_after_sigkill_ends_with_the_same_alphas(tmp_path):
+  env, cache = _env(tmp_path / "cache")
+  flags = (*TINY_FLAGS, "--config.max_steps=30", "--config.checkpoint_every=3",
+           "--config.log_every=3", cache)
+  straight = _cli(tmp_path / "straight", *flags, env=env)
+  out, err = straight.communicate(timeout=600)
+  assert straight.returncode == 0, err[-3000:]
+
+  killed_dir = tmp_path / "killed"
+  proc = _cli(killed_dir, *flags, env=env)
+  ckpt = killed_dir / "checkpoints"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt.exists() and any(d.isdigit() for d in os.listdir(ckpt)):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  done = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  assert done and done[-1] < 30
+  assert not (killed_dir / "genotype.json").exists()
+
+  resumed = _cli(killed_dir, *flags, env=env)
+  out, err = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, err[-3000:]
+  assert "resumed from the checkpoint of step" in err
+  a = json.load(open(tmp_path / "straight" / "alphas.json"))
+  b = json.load(open(killed_dir / "alphas.json"))
+  np.testing.assert_array_equal(np.asarray(a["cells"]), np.asarray(b["cells"]))
+
+
+def test_partial_checkpoint_is_ignored_on_resume(tmp_path):
+  cfg = tiny_config(max_steps=4, checkpoint_every=2)
+  search.run(cfg, str(tmp_path))
+  # A write that died half-way leaves only a temporary directory behind.
+  partial = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234"
+  partial.mkdir()
+  (partial / "junk").write_text("half a checkpoint")
+  cfg = tiny_config(max_steps=6, checkpoint_every=2)
+  summary = search.run(cfg, str(tmp_path))
+  assert summary["steps"] == 6
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())[-1] == 6
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--config.space=nas101",), "error: unknown search space 'nas101'; known spaces: darts, s1, s2"),
+    (("--config.dataset=mnist3d",), "error: config.dataset='mnist3d' is not one of"),
+    (("--config.batch_size=15",), "error: batch size 15 does not split evenly across 2 devices"),
+    (("--config.dataset=cifar10", "--config.data_dir=/nonexistent/tfds"),
+     "error: dataset 'cifar10' is not prepared"),
+    (("--config.method=second_order",), "error: config.method='second_order' is not one of"),
+])
+def test_bad_input_is_one_clear_line_and_exit_status_1(tmp_path, flags, message):
+  env, cache = _env(tmp_path / "cache")
+  proc = _cli(tmp_path / "run", *TINY_FLAGS, *flags, cache, env=env)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  assert message in err
+  assert "Traceback" not in err
+  error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1
