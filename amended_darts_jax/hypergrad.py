@@ -235,37 +235,44 @@ def darts_term(loss_fn, omega, alpha, batch, v, *, xi, products="exact", r=0.01,
 class CGInfo(NamedTuple):
   iterations: jax.Array
   relative_residual: jax.Array
+  # True where CG met a direction p with p^T A p <= 0 (A not positive definite; a
+  # ReLU network's H + wd I often is not) and stopped there.
+  negative_curvature: jax.Array = False
 
 
 def conjugate_gradient(matvec, b, *, maxiter=100, tol=1e-6):
   """Solves A x = b for symmetric positive-definite A given as `matvec`.
 
-  Stops when |b - A x| <= tol |b| or after maxiter iterations. Returns
-  `(x, CGInfo)`; the reported residual is recomputed as |b - A x| / |b| at the
-  end, not taken from the recurrence.
+  Stops when |b - A x| <= tol |b|, after maxiter iterations, or at the first
+  direction of non-positive curvature (then x is the last iterate: zero if it
+  happens at once; damping makes A positive definite). Returns `(x, CGInfo)`;
+  the reported residual is recomputed as |b - A x| / |b| at the end, not taken
+  from the recurrence.
   """
   b_norm = tree_norm(b)
   tiny = jnp.finfo(_tree_dtype(b)).tiny
   x0 = tree_zeros_like(b)
 
   def cond(state):
-    k, _, _, _, rs = state
-    return jnp.logical_and(k < maxiter, jnp.sqrt(rs) > tol * b_norm)
+    k, _, _, _, rs, negative = state
+    return (k < maxiter) & (jnp.sqrt(rs) > tol * b_norm) & ~negative
 
   def body(state):
-    k, x, res, p, rs = state
+    k, x, res, p, rs, _ = state
     ap = matvec(p)
-    step = rs / jnp.maximum(tree_vdot(p, ap), tiny)
+    curvature = tree_vdot(p, ap)
+    positive = curvature > 0
+    step = jnp.where(positive, rs / jnp.where(positive, curvature, 1.0), 0.0)
     x = tree_axpy(step, p, x)
     res = tree_axpy(-step, ap, res)
     rs_new = tree_vdot(res, res)
     p = tree_axpy(rs_new / jnp.maximum(rs, tiny), p, res)
-    return k + 1, x, res, p, rs_new
+    return k + positive.astype(k.dtype), x, res, p, rs_new, ~positive
 
-  k, x, _, _, _ = jax.lax.while_loop(
-      cond, body, (jnp.array(0), x0, b, b, tree_vdot(b, b)))
+  k, x, _, _, _, negative = jax.lax.while_loop(
+      cond, body, (jnp.array(0), x0, b, b, tree_vdot(b, b), jnp.array(False)))
   true_res = tree_norm(tree_sub(b, matvec(x))) / jnp.maximum(b_norm, tiny)
-  return x, CGInfo(iterations=k, relative_residual=true_res)
+  return x, CGInfo(iterations=k, relative_residual=true_res, negative_curvature=negative)
 
 
 def implicit_term(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, damping=0.0,
@@ -273,7 +280,8 @@ def implicit_term(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, damping=
   """g2 = -M (H + (wd + damping) I)^-1 v, the implicit-function term (paper eq. 5).
 
   The linear solve is conjugate gradient on exact Hessian-vector products.
-  Returns `(g2, CGInfo)`: CG iterations and the final relative residual.
+  Returns `(g2, CGInfo)`: CG iterations, the final relative residual and whether
+  CG stopped at non-positive curvature (raise `damping` then).
   """
   g2, info, _, _ = _implicit(loss_fn, omega, alpha, batch, v, weight_decay=weight_decay,
                              damping=damping, maxiter=maxiter, tol=tol, has_aux=has_aux)

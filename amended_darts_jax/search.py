@@ -165,6 +165,7 @@ def search_step(sc: StepConfig, state: SearchState, train_batch, val_batch):
   if "cg" in aux:
     metrics["cg_iterations"] = aux["cg"].iterations
     metrics["cg_residual"] = aux["cg"].relative_residual
+    metrics["cg_negative_curvature"] = jnp.asarray(aux["cg"].negative_curvature, jnp.float32)
   finite = hypergrad.tree_all_finite((train_loss, aux["val_loss"], g, w_grad, params, alpha))
   new = state.replace(params=params, batch_stats=batch_stats, alpha=alpha,
                       w_opt_state=w_opt_state, a_opt_state=a_opt_state)
@@ -223,6 +224,7 @@ def monitor_step(sc: StepConfig, power_iters: int, cg_iters: int, state: SearchS
           "cos_darts_implicit": hypergrad.tree_cosine(g2_darts, g2),
           "inner_amended_implicit": hypergrad.tree_vdot(g2_amended, g2),
           "cg_iterations": info.iterations, "cg_residual": info.relative_residual,
+          "cg_negative_curvature": jnp.asarray(info.negative_curvature, jnp.float32),
           "alpha_hessian_eigenvalue": eigenvalue}
 
 

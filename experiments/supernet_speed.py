@@ -5,7 +5,11 @@ in train mode, jitted, for each `--impls` formulation of the depthwise
 convolutions, side by side in one run. Defaults: the `darts` space at C=16,
 8 layers, batch 64, 32x32x3 (DARTS' CIFAR-10 search network).
 
-  python experiments/supernet_speed.py [--impls=shift,conv] [--steps=5]
+  python experiments/supernet_speed.py [--impls=dense,shift,conv] [--steps=5]
+
+`dense` (a full convolution with a block-diagonal kernel) is what
+`depthwise_impl="auto"` picks on CPU; `conv` is the grouped convolution
+(`feature_group_count=C`) used on GPU/TPU.
 """
 
 import json
@@ -17,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amended_darts_jax import supernet
+from amended_darts_jax import ops, supernet
 
 _SPACE = flags.DEFINE_string("space", "darts", "Search space.")
 _C = flags.DEFINE_integer("C", 16, "Initial channels.")
@@ -25,7 +29,7 @@ _LAYERS = flags.DEFINE_integer("layers", 8, "Cells.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Batch size.")
 _SIZE = flags.DEFINE_integer("size", 32, "Image height and width.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
-_IMPLS = flags.DEFINE_list("impls", ["shift", "conv"], "Depthwise formulations to compare.")
+_IMPLS = flags.DEFINE_list("impls", ["dense", "shift", "conv"], "Depthwise formulations to compare.")
 
 
 def measure(impl):
@@ -35,7 +39,7 @@ def measure(impl):
   x = jax.random.normal(key, (_BATCH.value, _SIZE.value, _SIZE.value, 3))
   y = jax.random.randint(key, (_BATCH.value,), 0, 10)
   alpha = model.init_alpha(key)
-  variables = jax.jit(model.init, static_argnames="train")(key, x[:2], alpha, train=False)
+  variables = ops.init_variables(model, 0, x[:2], alpha, train=False)
 
   @jax.jit
   def grad_step(params, stats, alpha, x, y):
@@ -63,13 +67,14 @@ def measure(impl):
 
 def main(argv):
   del argv
-  rows = [measure(impl) for impl in _IMPLS.value]
-  for row in rows:
-    print(json.dumps(row))
-  if len(rows) == 2:
-    a, b = rows
-    print(f"step time {a['impl']} / {b['impl']} = "
-          f"{a['median_step_s'] / b['median_step_s']:.3f}")
+  rows = []
+  for impl in _IMPLS.value:
+    rows.append(measure(impl))
+    print(json.dumps(rows[-1]), flush=True)
+  base = rows[-1]
+  for row in rows[:-1]:
+    print(f"step time {row['impl']} / {base['impl']} = "
+          f"{row['median_step_s'] / base['median_step_s']:.3f}")
 
 
 if __name__ == "__main__":

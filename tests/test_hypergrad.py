@@ -396,3 +396,21 @@ def test_has_aux_returns_aux_of_the_unperturbed_evaluation():
   g_plain, _ = hg.arch_gradient(plain, plain, omega, alpha, jnp.array(1.0), jnp.array(2.0),
                                 method="amended")
   np.testing.assert_allclose(g["a"], g_plain["a"], rtol=1e-6)
+
+
+def test_conjugate_gradient_stops_finite_at_negative_curvature(x64):
+  """On an indefinite A, CG stops at the first p with p^T A p <= 0 instead of dividing by it."""
+  a = jnp.diag(jnp.array([2.0, -1.0]))
+  # b along the positive eigenvector: solved in one step, no negative curvature met.
+  x, info = hg.conjugate_gradient(lambda p: a @ p, jnp.array([4.0, 0.0]), tol=1e-12)
+  np.testing.assert_allclose(x, [2.0, 0.0], rtol=1e-12)
+  assert not bool(info.negative_curvature) and int(info.iterations) == 1
+  # b mostly along the negative eigenvector: p0 = b has p^T A p = 2 - 4 < 0.
+  x, info = hg.conjugate_gradient(lambda p: a @ p, jnp.array([1.0, 2.0]), tol=1e-12)
+  assert bool(info.negative_curvature) and int(info.iterations) == 0
+  assert bool(jnp.all(jnp.isfinite(x))) and float(jnp.abs(x).max()) == 0.0
+  np.testing.assert_allclose(info.relative_residual, 1.0, rtol=1e-12)
+  # Damping that makes A + lambda I positive definite restores the solve.
+  x, info = hg.conjugate_gradient(lambda p: a @ p + 2.0 * p, jnp.array([1.0, 2.0]), tol=1e-12)
+  np.testing.assert_allclose(x, [0.25, 2.0], rtol=1e-10)
+  assert not bool(info.negative_curvature)

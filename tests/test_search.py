@@ -65,6 +65,36 @@ def _run_step(sc, state, train, val, devices):
   return step(jax.device_put(state, repl), put(train), put(val))
 
 
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_device(tmp_path):
+  """Two JAX processes on this machine (2 CPU devices each, gloo collectives) take the step
+  one device takes: the multi-process path of pods, exercised on CPU."""
+  out, port = str(tmp_path / "two.npz"), _free_port()
+  worker = os.path.join(REPO, "tests", "two_process_step.py")
+  env = {**os.environ, "PYTHONPATH": REPO}
+  procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), out], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  two = np.load(out)
+  sc, state, train, val = _state_and_batches(tiny_config())
+  one, metrics = _run_step(sc, state, train, val, jax.devices()[:1])
+  assert float(np.abs(two["alpha"] - np.asarray(state.alpha["cells"])).max()) > 1e-5
+  np.testing.assert_allclose(two["alpha"], one.alpha["cells"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(two["arch_grad_norm"], metrics["arch_grad_norm"], rtol=1e-4)
+  leaves = jax.tree.leaves(one.params)
+  assert len(leaves) == len([k for k in two.files if k.startswith("param_")])
+  for i, leaf in enumerate(leaves):
+    np.testing.assert_allclose(two[f"param_{i}"], leaf, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["amended", "darts"])
 def test_step_on_8_devices_equals_one_device(method):
   assert len(jax.devices()) == 8, "conftest asks XLA for 8 CPU devices"

@@ -1,0 +1,226 @@
+r"""Speed, compile time and memory of one search step per method, side by side.
+
+  python experiments/benchmark.py --size=tiny --out=runs/bench_tiny
+  python experiments/benchmark.py --size=darts_search --out=runs/bench_darts   # GPU
+  python experiments/benchmark.py --size=s2_search --remat=true,false --out=runs/bench_s2
+
+Sizes: `tiny` (s2 space, 2 cells, C=8, batch 16, 16x16x3), `darts_search` (darts
+space, C=16, 8 cells, batch 64, 32x32x3, 10 classes: DARTS' CIFAR-10 search) and
+`s2_search` (s2 space, 20 cells, C=16, batch 64, 32x32x3). For each method
+(`weight_only` is the weight step alone; the others are the full search step of
+`amended_darts_jax.search`) it measures the compile time, the median step time
+over `--steps` steps after `--warmup` warm-up steps, and the peak memory: device
+statistics on a GPU/TPU, the peak resident memory of the process on CPU. Every
+measurement runs in its own subprocess, so peaks do not carry over. Batches are
+synthetic and in memory: no tensorflow-datasets needed.
+
+Writes `results.jsonl` (one JSON line per measurement) and `table.md` under
+`--out`, and prints the table and the ratios `amended_exact / amended_fd` and
+`amended_exact / first_order`.
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+SIZES = {
+    "tiny": dict(space="s2", C=8, layers=2, batch=16, image=(16, 16, 3), classes=10),
+    "darts_search": dict(space="darts", C=16, layers=8, batch=64, image=(32, 32, 3), classes=10),
+    "s2_search": dict(space="s2", C=16, layers=20, batch=64, image=(32, 32, 3), classes=10),
+}
+METHODS = ("weight_only", "first_order", "darts/exact", "darts/fd", "amended/exact",
+           "amended/fd")
+
+_SIZE = flags.DEFINE_enum("size", "tiny", list(SIZES), "Named network and batch size.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), "method or method/products to measure.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
+_REMAT = flags.DEFINE_list("remat", ["false"], "Rematerialize per cell: true, false or both.")
+_DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | shift | dense.")
+_BATCH = flags.DEFINE_integer("batch", 0, "Override the size's batch (0: keep).")
+_OUT = flags.DEFINE_string("out", "runs/benchmark", "Output directory.")
+_ONE = flags.DEFINE_string("one", "", "Internal: measure one method/products/remat and print JSON.")
+
+
+def _reset_peak_rss() -> bool:
+  """Resets the kernel's peak-RSS mark (Linux: `5` into /proc/self/clear_refs)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _peak_rss_mb() -> float:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_memory_mb(jax, reset_ok: bool) -> tuple[float, str]:
+  """Device peak on GPU/TPU; on CPU the peak resident memory while stepping
+  (after compilation, when the peak mark could be reset) or of the whole process."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**20, "device_peak"
+  return _peak_rss_mb(), "rss_peak_stepping" if reset_ok else "rss_peak_process"
+
+
+def measure_one(spec: str) -> dict:
+  """Compiles and times one step in this process; returns one result row."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from amended_darts_jax import ops, search, spaces
+  from amended_darts_jax.configs import default
+
+  method_products, remat = spec.rsplit("@", 1)
+  method, _, products = method_products.partition("/")
+  products = products or "exact"
+  size = dict(SIZES[_SIZE.value])
+  if _BATCH.value:
+    size["batch"] = _BATCH.value
+  cfg = default.get_config()
+  cfg.space, cfg.init_channels, cfg.layers = size["space"], size["C"], size["layers"]
+  cfg.remat, cfg.depthwise_impl = remat == "true", _DEPTHWISE.value
+  cfg.method = "first_order" if method == "weight_only" else method
+  cfg.products = products
+  model = search.make_model(cfg, size["classes"])
+  w_tx, a_tx, lr_fn = search.make_optimizers(cfg, steps_per_epoch=100)
+  sc = search.StepConfig(model, cfg.method, cfg.products, cfg.eta, cfg.fd_r, cfg.weight_decay,
+                         cfg.damping, cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx,
+                         lr_fn)
+  rng = np.random.default_rng(0)
+
+  def batch():
+    return {"image": jnp.asarray(rng.normal(size=(size["batch"], *size["image"])), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, size["classes"], size["batch"]), jnp.int32)}
+
+  space = spaces.get_space(cfg.space)
+  alpha = space.init_alpha(jax.random.PRNGKey(0), cfg.layers)
+  variables = ops.init_variables(model, 0, jnp.zeros((2, *size["image"])), alpha, train=False)
+  state = search.SearchState(
+      step=jnp.array(0, jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], alpha=alpha,
+      w_opt_state=w_tx.init(variables["params"]), a_opt_state=a_tx.init(alpha),
+      rng=jax.random.PRNGKey(1), bad_step=jnp.array(-1, jnp.int32))
+
+  if method == "weight_only":
+    def step(state, train_batch, val_batch):
+      del val_batch
+      train = {**train_batch, "batch_stats": state.batch_stats}
+      (loss, (_, stats)), grad = jax.value_and_grad(
+          lambda p: search.supernet_loss(model, p, state.alpha, train), has_aux=True)(
+              state.params)
+      updates, w_opt_state = w_tx.update(grad, state.w_opt_state, state.params)
+      return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats,
+                           w_opt_state=w_opt_state, step=state.step + 1), {"train_loss": loss}
+  else:
+    def step(state, train_batch, val_batch):
+      return search.search_step(sc, state, train_batch, val_batch)
+
+  train_batch, val_batch = batch(), batch()
+  rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(state, train_batch, val_batch).compile()
+  compile_s = time.perf_counter() - t0
+  compile_peak_mb = _peak_rss_mb()
+  reset_ok = _reset_peak_rss()
+  for _ in range(_WARMUP.value):
+    state, metrics = compiled(state, train_batch, val_batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(_STEPS.value):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, train_batch, val_batch)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t0)
+  peak_mb, peak_kind = _peak_memory_mb(jax, reset_ok)
+  return dict(size=_SIZE.value, **{k: size[k] for k in ("space", "C", "layers", "batch")},
+              method=method, products=products if method != "weight_only" else "",
+              remat=cfg.remat, compile_s=round(compile_s, 2),
+              median_step_s=round(statistics.median(times), 5),
+              min_step_s=round(min(times), 5), steps=len(times),
+              peak_memory_mb=round(peak_mb, 1), memory_kind=peak_kind,
+              rss_before_compile_mb=round(rss_before_mb, 1),
+              rss_peak_compiling_mb=round(compile_peak_mb, 1),
+              loss_finite=bool(np.isfinite(float(metrics["train_loss"]))),
+              device=jax.devices()[0].device_kind, backend=jax.default_backend())
+
+
+def _table(rows: list[dict]) -> str:
+  lines = ["| method | products | remat | compile s | median step s | peak MB (kind) |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['compile_s']} | "
+                 f"{r['median_step_s']} | {r['peak_memory_mb']} ({r['memory_kind']}) |")
+  return "\n".join(lines)
+
+
+def _ratio(rows, a, b, remat=False):
+  def pick(spec):
+    method, _, products = spec.partition("/")
+    for r in rows:
+      if (r["method"] == method and (not products or r["products"] == products)
+          and r["remat"] == remat):
+        return r
+  ra, rb = pick(a), pick(b)
+  if ra and rb:
+    return f"{a.replace('/', '_')} / {b.replace('/', '_')} = " \
+           f"{ra['median_step_s'] / rb['median_step_s']:.3f}"
+  return None
+
+
+def main(argv):
+  del argv
+  if _ONE.value:
+    print("RESULT " + json.dumps(measure_one(_ONE.value)), flush=True)
+    return
+  for spec in _METHODS.value:
+    if spec not in METHODS and spec not in ("implicit", "implicit/exact", "amended", "darts"):
+      sys.exit(f"error: unknown method {spec!r}; known: {', '.join(METHODS)}, implicit")
+  os.makedirs(_OUT.value, exist_ok=True)
+  rows = []
+  passthrough = [a for a in sys.argv[1:] if not a.startswith(("--one", "--methods", "--remat"))]
+  for remat in _REMAT.value:
+    for spec in _METHODS.value:
+      cmd = [sys.executable, os.path.abspath(__file__), *passthrough, f"--one={spec}@{remat}"]
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+      if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        row = dict(size=_SIZE.value, method=spec, remat=remat == "true", error=tail)
+        print(json.dumps(row), flush=True)
+      else:
+        row = json.loads(lines[-1][len("RESULT "):])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+      with open(os.path.join(_OUT.value, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+  table = _table(rows)
+  ratios = [r for r in (_ratio(rows, "amended/exact", "amended/fd"),
+                        _ratio(rows, "amended/exact", "first_order")) if r]
+  with open(os.path.join(_OUT.value, "table.md"), "w") as f:
+    f.write(f"size `{_SIZE.value}`, command: `python experiments/benchmark.py "
+            f"{' '.join(sys.argv[1:])}`\n\n{table}\n\n" + "\n".join(ratios) + "\n")
+  print(table)
+  for line in ratios:
+    print(line)
+
+
+if __name__ == "__main__":
+  app.run(main)
