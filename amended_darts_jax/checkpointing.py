@@ -13,6 +13,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from amended_darts_jax import rundir
+from amended_darts_jax.errors import NonFiniteError
+
 
 class Checkpointer:
   """Saves `{"state": ..., "data": ...}` pytrees every so many steps under workdir/checkpoints."""
@@ -30,6 +33,23 @@ class Checkpointer:
   def save(self, step: int, tree: Any) -> None:
     """Starts writing (asynchronously); `wait()` blocks until it is on disk."""
     self._manager.save(step, args=ocp.args.StandardSave(tree))
+
+  def save_or_stop(self, state: Any, steps_per_epoch: int) -> None:
+    """Saves `state` with its data position, unless a step of it was not finite.
+
+    `state.bad_step >= 0` names the first non-finite step (the jitted step kept
+    the state unchanged from there); then nothing is written and the run stops
+    with NonFiniteError, the last good checkpoint untouched.
+    """
+    bad = int(state.bad_step)
+    if bad >= 0:
+      last = self.latest_step()
+      kept = (f"the last good checkpoint (step {last}) stays" if last is not None
+              else "no checkpoint had been written yet")
+      raise NonFiniteError(f"non-finite loss or gradient at step {bad}; the run stopped and "
+                           f"{kept}")
+    step = int(state.step)
+    self.save(step, {"state": state, "data": rundir.data_position(step, steps_per_epoch)})
 
   def restore(self, step: int, like: Any) -> Any:
     """Restores into the structure, dtypes and shardings of `like` (arrays or abstract)."""

@@ -57,17 +57,23 @@ class Cell(nn.Module):
 
 
 class AuxiliaryHead(nn.Module):
-  """DARTS' auxiliary classifier; `imagenet` pools with stride 2 and drops the second BN."""
+  """DARTS' auxiliary classifier; `imagenet` pools with stride 2 and drops the second BN.
+
+  DARTS sizes it for an 8x8 (CIFAR) or 14x14 (ImageNet) feature map; on smaller
+  maps (the 8x8 digits give 2x2) the pooling and convolution windows shrink to fit.
+  """
   num_classes: int
   imagenet: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.relu(x)
-    x = nn.avg_pool(x, (5, 5), (2, 2) if self.imagenet else (3, 3), padding="VALID")
+    pool = min(5, x.shape[1], x.shape[2])
+    x = nn.avg_pool(x, (pool, pool), (2, 2) if self.imagenet else (3, 3), padding="VALID")
     x = ops.pointwise(128)(x)
     x = nn.relu(ops.batch_norm(train, affine=True)(x))
-    x = nn.Conv(768, (2, 2), padding="VALID", use_bias=False, kernel_init=ops.torch_init)(x)
+    k = min(2, x.shape[1], x.shape[2])
+    x = nn.Conv(768, (k, k), padding="VALID", use_bias=False, kernel_init=ops.torch_init)(x)
     if not self.imagenet:
       x = ops.batch_norm(train, affine=True)(x)
     x = nn.relu(x)

@@ -49,8 +49,9 @@ def init_variables(module: nn.Module, seed: int, *args, **kwargs) -> dict[str, A
   (`torch_init`), a dense bias U(+-1/sqrt(fan_in)) of its kernel, batch-norm
   scale 1 and bias 0, running mean 0 and variance 1.
   """
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0),
-                          *args)
+  key = jax.random.PRNGKey(0)  # shapes only; "dropout" serves drop-path in train mode
+  shapes = jax.eval_shape(functools.partial(module.init, **kwargs),
+                          {"params": key, "dropout": key}, *args)
   rng = np.random.default_rng(seed)
 
   def fill(collection, tree):
@@ -96,21 +97,27 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}") from None
 
 
-def resolve_depthwise_impl(impl: str, kernel_size: int) -> str:
-  """The formulation `impl` means for a k x k kernel on the current backend.
+# On CPU the dense formulation does C times the work of a depthwise filter; above
+# this many channels the shifted sum wins by 3-6x (experiments/depthwise_speed.py).
+DENSE_MAX_CHANNELS = 32
 
-  "auto" keeps XLA's grouped convolution on GPU/TPU and takes the dense
-  diagonal-kernel convolution on CPU: there it runs 3-4x faster than the
-  grouped one, about as fast as the shifted sum at the supernet's channel
-  counts, and compiles 2.5x faster than the shifted sum, whose k*k slices
-  (and their tangents, in forward-over-reverse products) each become their own
-  kernel. BUILD_NOTES.md has the measurements.
+
+def resolve_depthwise_impl(impl: str, kernel_size: int, channels: int = 0) -> str:
+  """The formulation `impl` means for a k x k kernel over `channels` on this backend.
+
+  "auto" keeps XLA's grouped convolution on GPU/TPU. On CPU it takes the dense
+  diagonal-kernel convolution up to DENSE_MAX_CHANNELS channels (as fast as the
+  grouped one or faster, and it compiles 2.5x faster than the shifted sum, whose
+  k*k slices and their tangents each become a kernel) and the shifted sum above
+  (3-6x faster than both at 36-144 channels). BUILD_NOTES.md has the measurements.
   """
   if impl not in DEPTHWISE_IMPLS:
     raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
   del kernel_size  # every size takes the same formulation at present
   if impl == "auto":
-    return "dense" if jax.default_backend() == "cpu" else "conv"
+    if jax.default_backend() != "cpu":
+      return "conv"
+    return "dense" if channels <= DENSE_MAX_CHANNELS else "shift"
   return impl
 
 
@@ -168,7 +175,7 @@ class DepthwiseConv(nn.Module):
     kernel = self.param("kernel", lambda key, shape: torch_init(key, (k, k, 1, shape[-1]))[:, :, 0],
                         (k, k, x.shape[-1]))
     fn = {"shift": depthwise_conv_shift, "conv": depthwise_conv_grouped,
-          "dense": depthwise_conv_dense}[resolve_depthwise_impl(self.impl, k)]
+          "dense": depthwise_conv_dense}[resolve_depthwise_impl(self.impl, k, x.shape[-1])]
     return fn(x, kernel.astype(x.dtype), self.stride, self.padding, self.dilation)
 
 

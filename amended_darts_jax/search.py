@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import time
 from typing import Any, Callable
 
@@ -29,8 +28,8 @@ import optax
 from absl import logging
 
 from amended_darts_jax import (checkpointing, hypergrad, input_pipeline, ops, parallel, plots,
-                               spaces, supernet)
-from amended_darts_jax.errors import ConfigError, NonFiniteError
+                               rundir, spaces, supernet)
+from amended_darts_jax.errors import ConfigError
 from amended_darts_jax.metrics import MetricWriter
 
 # Fields that may change between a run and its resumption; any other difference
@@ -244,50 +243,21 @@ def collapse_stats(space: spaces.SearchSpace, alpha) -> dict[str, float]:
   return stats
 
 
-def _check_resumable(workdir: str, cfg) -> None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  current = json.loads(cfg.to_json())
-  diffs = [k for k in sorted(set(saved) | set(current))
-           if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k)]
-  if diffs:
-    k = diffs[0]
-    raise ConfigError(f"{workdir} holds a run with a different config ({k}: {saved.get(k)!r} "
-                      f"there, {current.get(k)!r} now); resume it unchanged or use a new workdir")
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def setup_compilation_cache(directory: str) -> None:
-  if directory:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) a search in workdir; returns a summary of the final state."""
   validate_config(cfg)
-  setup_compilation_cache(cfg.compilation_cache_dir)
+  rundir.setup_compilation_cache(cfg.compilation_cache_dir)
   if cfg.distributed:
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   os.makedirs(workdir, exist_ok=True)
-  _check_resumable(workdir, cfg)
+  rundir.check_resumable(workdir, cfg, RESUMABLE_FIELDS)
   space = spaces.get_space(cfg.space)
   mesh = parallel.make_mesh()
   parallel.check_batch_split(cfg.batch_size, mesh)
   parallel.log_devices(mesh)
   is_main = jax.process_index() == 0
   if is_main:
-    _write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json()))
+    rundir.write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json()))
 
   # Data: the training split divided into search-train and search-validation halves.
   splits, info = input_pipeline.load(cfg.dataset, cfg.data_dir, cfg.download)
@@ -325,7 +295,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   checkpointer = checkpointing.Checkpointer(workdir)
   latest = checkpointer.latest_step()
   if latest is not None:
-    restored = checkpointer.restore(latest, {"state": state, "data": _data_position(0, 1)})
+    like = {"state": state, "data": rundir.data_position(0, 1)}
+    restored = checkpointer.restore(latest, like)
     state = restored["state"]
     logging.info("resumed from the checkpoint of step %d", latest)
   start_step = int(state.step)
@@ -354,16 +325,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 "total_steps": total_steps})
   history_path = os.path.join(workdir, "alpha_history.jsonl")
 
-  def checkpoint(step_state):
-    bad = int(step_state.bad_step)
-    if bad >= 0:
-      last = checkpointer.latest_step()
-      kept = f"the last good checkpoint (step {last}) stays" if last is not None else (
-          "no checkpoint had been written yet")
-      raise NonFiniteError(f"non-finite loss or gradient at step {bad}; the run stopped and "
-                           f"{kept}")
-    s = int(step_state.step)
-    checkpointer.save(s, {"state": step_state, "data": _data_position(s, steps_per_epoch)})
+  def checkpoint(state_now):
+    checkpointer.save_or_stop(state_now, steps_per_epoch)
 
   pending: list[dict[str, jax.Array]] = []
   train_iter = train_batches.iterate(start_step)
@@ -398,7 +361,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      " | %.2f steps/s | %s left", record["epoch"], cfg.epochs, done,
                      total_steps, averaged["train_loss"], averaged["train_acc"],
                      averaged["val_loss"], averaged["val_acc"], rate,
-                     _hms((total_steps - done) / max(rate, 1e-9)))
+                     rundir.hms((total_steps - done) / max(rate, 1e-9)))
       if epoch_end:
         epoch = (done - 1) // steps_per_epoch + 1
         record = {"kind": "epoch", "step": done, "epoch": epoch,
@@ -425,7 +388,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              "wall_s": time.perf_counter() - t_start, "genotype": genotype.to_dict()}
   if is_main:
     genotype.save(os.path.join(workdir, "genotype.json"))
-    _write_json(os.path.join(workdir, "alphas.json"), spaces.alpha_to_lists(space, final_alpha))
+    rundir.write_json(os.path.join(workdir, "alphas.json"),
+                      spaces.alpha_to_lists(space, final_alpha))
     plots.figure1(workdir)
     from amended_darts_jax import visualize
     visualize.render(genotype, os.path.join(workdir, "cells"))
@@ -445,18 +409,8 @@ def _evaluate(eval_fn, state, source, info, batch_size, mesh) -> dict[str, float
           "eval_val_acc": float(totals["correct"] / totals["count"])}
 
 
-def _data_position(step: int, steps_per_epoch: int) -> dict[str, jax.Array]:
-  epoch, within = divmod(step, steps_per_epoch)
-  return {"epoch": np.asarray(epoch, np.int64), "batch_in_epoch": np.asarray(within, np.int64)}
-
-
 def _floats(tree) -> dict[str, float]:
   return {k: float(v) for k, v in tree.items()}
-
-
-def _hms(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
 def main(argv, config_flag) -> None:

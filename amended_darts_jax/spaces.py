@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp

@@ -18,3 +18,25 @@ def x64():
   jax.config.update("jax_enable_x64", True)
   yield
   jax.config.update("jax_enable_x64", previous)
+
+
+def _kill_after_first_checkpoint(proc, workdir, timeout=600):
+  """SIGKILLs a running command-line job as soon as its first checkpoint is complete."""
+  import os
+  import signal
+  import time
+  ckpt = os.path.join(str(workdir), "checkpoints")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+
+
+@pytest.fixture
+def kill_after_first_checkpoint():
+  return _kill_after_first_checkpoint

@@ -3,10 +3,8 @@
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -228,7 +226,7 @@ def _env(cache_dir):
   return env, f"--config.compilation_cache_dir={cache_dir}"
 
 
-def test_resume_after_sigkill_ends_with_the_same_alphas(tmp_path):
+def test_resume_after_sigkill_ends_with_the_same_alphas(tmp_path, kill_after_first_checkpoint):
   env, cache = _env(tmp_path / "cache")
   flags = (*TINY_FLAGS, "--config.max_steps=30", "--config.checkpoint_every=3",
            "--config.log_every=3", cache)
@@ -237,17 +235,7 @@ def test_resume_after_sigkill_ends_with_the_same_alphas(tmp_path):
   assert straight.returncode == 0, err[-3000:]
 
   killed_dir = tmp_path / "killed"
-  proc = _cli(killed_dir, *flags, env=env)
-  ckpt = killed_dir / "checkpoints"
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if ckpt.exists() and any(d.isdigit() for d in os.listdir(ckpt)):
-      break
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-  done = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  done = kill_after_first_checkpoint(_cli(killed_dir, *flags, env=env), killed_dir)
   assert done and done[-1] < 30
   assert not (killed_dir / "genotype.json").exists()
 

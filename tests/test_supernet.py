@@ -36,8 +36,9 @@ def test_cpu_depthwise_equals_grouped_conv_values_and_gradients(impl, k, stride,
 def test_depthwise_impl_resolution():
   assert ops.resolve_depthwise_impl("conv", 3) == "conv"
   if jax.default_backend() == "cpu":
-    assert ops.resolve_depthwise_impl("auto", 3) == "dense"
-    assert ops.resolve_depthwise_impl("auto", 5) == "dense"
+    assert ops.resolve_depthwise_impl("auto", 3, 16) == "dense"
+    assert ops.resolve_depthwise_impl("auto", 5, ops.DENSE_MAX_CHANNELS) == "dense"
+    assert ops.resolve_depthwise_impl("auto", 5, ops.DENSE_MAX_CHANNELS + 1) == "shift"
   with pytest.raises(ValueError, match="depthwise_impl must be one of"):
     ops.resolve_depthwise_impl("winograd", 3)
 

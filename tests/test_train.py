@@ -1,0 +1,194 @@
+"""Retraining: the step, the auxiliary head and drop-path, resumption, the command line."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amended_darts_jax import checkpointing, spaces, train
+from amended_darts_jax.configs import train_default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A cheap genotype (one convolution, pools and skips) so the network compiles in seconds.
+_GENE = (("sep_conv_3x3", 0), ("skip_connect", 1), ("max_pool_3x3", 0), ("skip_connect", 2),
+         ("avg_pool_3x3", 1), ("skip_connect", 3), ("skip_connect", 0), ("max_pool_3x3", 4))
+TINY_GENOTYPE = spaces.Genotype(normal=_GENE, reduce=_GENE)
+
+
+def tiny_config(genotype_path, **overrides):
+  cfg = train_default.get_config()
+  cfg.genotype = str(genotype_path)
+  cfg.init_channels = 4
+  cfg.layers = 3
+  cfg.batch_size = 16
+  cfg.epochs = 2
+  cfg.compilation_cache_dir = ""
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+@pytest.fixture
+def genotype_path(tmp_path):
+  path = tmp_path / "genotype.json"
+  TINY_GENOTYPE.save(str(path))
+  return path
+
+
+def _setup(cfg, steps_per_epoch=10):
+  genotype = train.resolve_genotype(cfg.genotype)
+  model = train.make_model(cfg, genotype, 10)
+  tx, lr_fn = train.make_optimizer(cfg, steps_per_epoch)
+  tc = train.TrainConfig(model, tx, lr_fn, steps_per_epoch, cfg.epochs, cfg.drop_path_prob,
+                         cfg.auxiliary_weight, cfg.label_smoothing, cfg.ema_decay)
+  state = train.initial_state(cfg, model, tx, (8, 8, 1))
+  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+  batch = {"image": jax.random.normal(k1, (16, 8, 8, 1)),
+           "label": jax.random.randint(k2, (16,), 0, 10)}
+  return tc, state, batch
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch(genotype_path):
+  tc, state, batch = _setup(tiny_config(genotype_path, drop_path_prob=0.0))
+  step = jax.jit(functools.partial(train.train_step, tc))
+  state, first = step(state, batch)
+  for _ in range(15):
+    state, last = step(state, batch)
+  assert int(state.step) == 16 and int(state.bad_step) == -1
+  assert float(last["train_loss"]) < 0.7 * float(first["train_loss"])
+
+
+def test_auxiliary_loss_is_used_only_in_training(genotype_path):
+  tc, state, batch = _setup(tiny_config(genotype_path, drop_path_prob=0.0))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  rngs = {"dropout": jax.random.PRNGKey(0)}
+  logits, aux = tc.model.apply(variables, batch["image"], 0.0, train=False)
+  assert aux is None
+  (logits_t, aux_t), _ = tc.model.apply(variables, batch["image"], 0.0, train=True,
+                                        mutable=["batch_stats"], rngs=rngs)
+  assert aux_t is not None and aux_t.shape == logits_t.shape
+  # The training loss is the main cross-entropy plus exactly 0.4 times the auxiliary one.
+  with_aux, _ = train.train_loss(tc, state.params, state.batch_stats, batch,
+                                 jax.random.PRNGKey(0), 0.0)
+  main = train.cross_entropy(logits_t, batch["label"])
+  side = train.cross_entropy(aux_t, batch["label"])
+  np.testing.assert_allclose(with_aux, main + 0.4 * side, rtol=1e-5)
+  assert float(side) > 0.1
+
+
+def test_drop_path_is_active_only_in_training_and_ramps_with_the_epoch(genotype_path):
+  tc, state, batch = _setup(tiny_config(genotype_path, drop_path_prob=0.5, epochs=4))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+  def train_logits(rate, seed):
+    rngs = {"dropout": jax.random.PRNGKey(seed)}
+    (logits, _), _ = tc.model.apply(variables, batch["image"], rate, train=True,
+                                    mutable=["batch_stats"], rngs=rngs)
+    return logits
+
+  # Training: different keys drop different paths at rate 0.5, none at rate 0.
+  assert float(jnp.abs(train_logits(0.5, 0) - train_logits(0.5, 1)).max()) > 1e-4
+  np.testing.assert_allclose(train_logits(0.0, 0), train_logits(0.0, 1), rtol=1e-6, atol=1e-6)
+  # Evaluation ignores the rate.
+  eval_logits = lambda rate: tc.model.apply(variables, batch["image"], rate, train=False)[0]
+  np.testing.assert_allclose(eval_logits(0.5), eval_logits(0.0), rtol=1e-6, atol=1e-6)
+  # DARTS' ramp: p * epoch / epochs, with 10 steps per epoch here.
+  rates = [float(train.drop_path_rate(tc, jnp.array(s))) for s in (0, 9, 10, 25, 39)]
+  np.testing.assert_allclose(rates, [0.0, 0.0, 0.125, 0.25, 0.375])
+
+
+def _cli(workdir, *flags, env=None):
+  cmd = [sys.executable, "-m", "amended_darts_jax.train", f"--workdir={workdir}", *flags]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  return env
+
+
+def _tiny_flags(genotype_path, cache):
+  return (f"--config.genotype={genotype_path}", "--config.init_channels=4",
+          "--config.layers=3", "--config.batch_size=16", "--config.epochs=2",
+          "--config.eval_every_epochs=0", f"--config.compilation_cache_dir={cache}")
+
+
+def _final_params(cfg, workdir):
+  genotype = train.resolve_genotype(cfg.genotype)
+  model = train.make_model(cfg, genotype, 10)
+  tx, _ = train.make_optimizer(cfg, 10)
+  like = train.initial_state(cfg, model, tx, (8, 8, 1))
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  step = ckpt.latest_step()
+  from amended_darts_jax import rundir
+  state = ckpt.restore(step, {"state": like, "data": rundir.data_position(0, 1)})["state"]
+  ckpt.close()
+  return step, state
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, genotype_path,
+                                                          kill_after_first_checkpoint):
+  env = _env()
+  flags = (*_tiny_flags(genotype_path, tmp_path / "cache"), "--config.max_steps=24",
+           "--config.checkpoint_every=3", "--config.log_every=3")
+  straight = _cli(tmp_path / "straight", *flags, env=env)
+  _, err = straight.communicate(timeout=600)
+  assert straight.returncode == 0, err[-3000:]
+
+  killed_dir = tmp_path / "killed"
+  done = kill_after_first_checkpoint(_cli(killed_dir, *flags, env=env), killed_dir)
+  assert done and done[-1] < 24
+  assert not (killed_dir / "results.json").exists()
+
+  resumed = _cli(killed_dir, *flags, env=env)
+  _, err = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, err[-3000:]
+  assert "resumed from the checkpoint of step" in err
+  cfg = tiny_config(genotype_path)
+  step_a, a = _final_params(cfg, tmp_path / "straight")
+  step_b, b = _final_params(cfg, killed_dir)
+  assert step_a == step_b == 24
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  initial = train.initial_state(cfg, train.make_model(cfg, TINY_GENOTYPE, 10),
+                                train.make_optimizer(cfg, 10)[0], (8, 8, 1))
+  moved = [float(np.abs(np.asarray(x) - np.asarray(y)).max())
+           for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(initial.params))]
+  assert max(moved) > 1e-3  # the 24 steps trained the weights
+
+
+def test_dry_run_prints_the_parameter_count(tmp_path, genotype_path):
+  proc = _cli(tmp_path / "dry", *_tiny_flags(genotype_path, ""), "--config.dry_run=True",
+              env=_env())
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  cfg = tiny_config(genotype_path)
+  expected = train.describe_network(cfg, TINY_GENOTYPE)["params"]
+  assert f"{expected / 1e6:.3f}M parameters (auxiliary head excluded)" in out
+  assert "multiply-adds" in out
+  assert not (tmp_path / "dry" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("genotype, message", [
+    ("missing", "error: cannot read genotype file"),
+    ("malformed", "error: "),
+    ("DARTS_V9", "error: 'DARTS_V9' is neither a known genotype (DARTS_V1, DARTS_V2)"),
+])
+def test_bad_genotype_is_one_clear_line_and_exit_status_1(tmp_path, genotype, message):
+  path = {"missing": str(tmp_path / "nowhere" / "genotype.json"),
+          "malformed": str(tmp_path / "bad.json"), "DARTS_V9": "DARTS_V9"}[genotype]
+  (tmp_path / "bad.json").write_text('{"normal": [["sep_conv_3x3"]], "reduce": 3}')
+  proc = _cli(tmp_path / "run", f"--config.genotype={path}", "--config.dry_run=True",
+              env=_env())
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  assert message in err and "Traceback" not in err
+  assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
