@@ -25,7 +25,6 @@ import jax
 jax.config.update("jax_enable_x64", True)  # float64 runs need it; float32 runs cast down
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from amended_darts_jax import hypergrad as hg  # noqa: E402
 from amended_darts_jax import input_pipeline, ops, search, spaces, supernet  # noqa: E402
@@ -142,16 +141,16 @@ def main(argv):
   cfg.batch_size = _BATCH.value
   points, train_np, val_np = _train_points(cfg)
   rows = []
-  for point, state in points:
-    for act in ("relu", "softplus"):
-      for dtype in (jnp.float32, jnp.float64):
-        for row in _compare(state, train_np, val_np, act, dtype, cfg):
-          row.update(point=point, activation=act, dtype=jnp.dtype(dtype).name)
-          rows.append(row)
-          print(json.dumps(row), flush=True)
   with open(os.path.join(_OUT.value, "results.jsonl"), "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+    for point, state in points:
+      for act in ("relu", "softplus"):
+        for dtype in (jnp.float32, jnp.float64):
+          for row in _compare(state, train_np, val_np, act, dtype, cfg):
+            row.update(point=point, activation=act, dtype=jnp.dtype(dtype).name)
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(json.dumps(row), flush=True)
   _plot(rows, os.path.join(_OUT.value, "error_vs_r.png"))
   lines = ["| point | activation | dtype | product | best r | error at best r | error at r=0.01 "
            "(DARTS) | cosine at r=0.01 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
