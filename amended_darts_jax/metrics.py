@@ -7,6 +7,9 @@ import math
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 
 class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True):
@@ -37,6 +40,12 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def mean_of(records: list[dict[str, Any]]) -> dict[str, float]:
+  """Field-wise mean of per-step metric dicts (device scalars), as host floats."""
+  means = jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *records))
+  return {k: float(v) for k, v in means.items()}
 
 
 def read(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:

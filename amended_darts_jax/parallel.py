@@ -66,6 +66,15 @@ def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
           for k, v in local_batch.items()}
 
 
+def sum_over_batches(fn, batches, mesh: Mesh) -> dict[str, np.ndarray]:
+  """Sums the pytree `fn(global_batch)` over host batches put on the mesh; host totals."""
+  totals = None
+  for batch in batches:
+    out = fn(put_batch(batch, mesh))
+    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+  return jax.device_get(totals)
+
+
 def describe(mesh: Mesh) -> str:
   kinds = sorted({d.device_kind for d in mesh.devices.flat})
   return (f"{mesh.devices.size} device(s) [{', '.join(kinds)}] on {jax.process_count()} "

@@ -30,6 +30,7 @@ from absl import logging
 from amended_darts_jax import (checkpointing, hypergrad, input_pipeline, ops, parallel, plots,
                                rundir, spaces, supernet)
 from amended_darts_jax.errors import ConfigError
+from amended_darts_jax import metrics as metrics_lib
 from amended_darts_jax.metrics import MetricWriter
 
 # Fields that may change between a run and its resumption; any other difference
@@ -346,8 +347,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       done = step + 1
       epoch_end = done % steps_per_epoch == 0 or done == total_steps
       if done % cfg.log_every == 0 or epoch_end:
-        averaged = _floats(jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)),
-                                                       *pending)))
+        averaged = metrics_lib.mean_of(pending)
         pending = []
         if int(state.bad_step) >= 0:
           checkpoint(state)  # raises NonFiniteError naming the step
@@ -398,13 +398,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _evaluate(eval_fn, state, source, info, batch_size, mesh) -> dict[str, float]:
-  totals = None
-  for batch in input_pipeline.eval_batches(source, info, batch_size,
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count()):
-    out = eval_fn(state, parallel.put_batch(batch, mesh))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
+  batches = input_pipeline.eval_batches(source, info, batch_size,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  totals = parallel.sum_over_batches(functools.partial(eval_fn, state), batches, mesh)
   return {"eval_val_loss": float(totals["loss_sum"] / totals["count"]),
           "eval_val_acc": float(totals["correct"] / totals["count"])}
 

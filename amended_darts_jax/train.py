@@ -27,6 +27,7 @@ from absl import logging
 from amended_darts_jax import (checkpointing, hypergrad, input_pipeline, networks, ops, parallel,
                                rundir, spaces)
 from amended_darts_jax.errors import ConfigError
+from amended_darts_jax import metrics as metrics_lib
 from amended_darts_jax.metrics import MetricWriter
 
 RESUMABLE_FIELDS = ("max_steps", "log_every", "checkpoint_every", "eval_every_epochs",
@@ -248,7 +249,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     like = {"state": state, "data": rundir.data_position(0, 1)}
     state = checkpointer.restore(latest, like)["state"]
     logging.info("resumed from the checkpoint of step %d", latest)
-    from amended_darts_jax import metrics as metrics_lib
     for r in metrics_lib.read(workdir, "epoch"):
       if r["step"] <= latest:
         best = {"top1": max(best["top1"], r["test_top1"]),
@@ -276,11 +276,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   def evaluate(s_state):
     params = s_state.ema_params if s_state.ema_params is not None else s_state.params
-    totals = None
-    for b in input_pipeline.eval_batches(splits["test"], info, cfg.batch_size, resize, **local):
-      out = eval_fn(params, s_state.batch_stats, parallel.put_batch(b, mesh))
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
+    batches = input_pipeline.eval_batches(splits["test"], info, cfg.batch_size, resize, **local)
+    totals = parallel.sum_over_batches(
+        functools.partial(eval_fn, params, s_state.batch_stats), batches, mesh)
     n = float(totals["count"])
     return {"test_loss": float(totals["loss_sum"]) / n, "test_top1": float(totals["top1"]) / n,
             "test_top5": float(totals["top5"]) / n}
@@ -296,8 +294,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       done = step + 1
       epoch_end = done % steps_per_epoch == 0 or done == total_steps
       if done % cfg.log_every == 0 or epoch_end:
-        avg = {k: float(v) for k, v in jax.device_get(
-            jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *pending)).items()}
+        avg = metrics_lib.mean_of(pending)
         pending = []
         if int(state.bad_step) >= 0:
           checkpoint(state)
