@@ -44,7 +44,7 @@ def init_variables(module: nn.Module, seed: int, *args, **kwargs) -> dict[str, A
   """`module.init` without compiling it: shapes by tracing, values drawn on the host.
 
   Compiling `init` costs more than the training step here (a random-number
-  program per parameter; 30-110 s for a 3-cell supernet on 2 CPU cores). The
+  program per parameter; longer than a step for a 3-cell supernet on CPU). The
   values follow the same rules the modules declare: kernels U(+-1/sqrt(fan_in))
   (`torch_init`), a dense bias U(+-1/sqrt(fan_in)) of its kernel, batch-norm
   scale 1 and bias 0, running mean 0 and variance 1.
@@ -107,7 +107,7 @@ def resolve_depthwise_impl(impl: str, kernel_size: int, channels: int = 0) -> st
 
   "auto" keeps XLA's grouped convolution on GPU/TPU. On CPU it takes the dense
   diagonal-kernel convolution up to DENSE_MAX_CHANNELS channels (as fast as the
-  grouped one or faster, and it compiles 2.5x faster than the shifted sum, whose
+  grouped one or faster, and it compiles faster than the shifted sum, whose
   k*k slices and their tangents each become a kernel) and the shifted sum above
   (3-6x faster than both at 36-144 channels). BUILD_NOTES.md has the measurements.
   """

@@ -8,7 +8,7 @@ with a genotype, its picture and the collapse plots:
 Expect a supernet validation accuracy near 0.98 after 25 epochs. The space is
 `s2` (skip_connect or sep_conv_3x3 on each of 8 fixed edges, one alpha per
 cell) because the `darts` space needs 3 cells to have both cell types and its
-amended step then takes about 17 minutes to compile on 2 cores
+amended step then takes well over 10 minutes to compile on 2 cores
 (BUILD_NOTES.md); `--config.space=darts --config.layers=3` runs it anyway.
 
 Every field can be overridden, e.g. `--config.method=first_order --config.epochs=5`.
