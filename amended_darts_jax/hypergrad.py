@@ -83,6 +83,11 @@ def tree_all_finite(a: PyTree) -> jax.Array:
   return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
 
 
+def _is_static_zero(x) -> bool:
+  """True for a Python 0; a traced value (a decay or damping under jit) never is."""
+  return isinstance(x, (int, float)) and x == 0
+
+
 def _tree_dtype(a: PyTree):
   leaves = jax.tree.leaves(a)
   return jnp.result_type(*leaves) if leaves else jnp.float32
@@ -122,6 +127,17 @@ def _grad_a(loss_fn, alpha, batch, has_aux):
   return grad_a
 
 
+def _grad_wa(loss_fn, alpha, batch, has_aux):
+  """w -> ((dL/dw, dL/da), (L, aux)); its jvp along u gives (H u, M u)."""
+  fn = _loss_with_aux(loss_fn, has_aux)
+
+  def grad_wa(w):
+    (loss, aux), g = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(w, alpha, batch)
+    return g, (loss, aux)
+
+  return grad_wa
+
+
 def grad_and_hvp(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, has_aux=False):
   """One forward-over-reverse pass: `(dLt/dw, (H + wd I) v, (Lt, aux))`.
 
@@ -131,7 +147,7 @@ def grad_and_hvp(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, has_aux=F
   """
   g_w, hv, loss_aux = jax.jvp(
       _grad_w(loss_fn, alpha, batch, has_aux), (omega,), (v,), has_aux=True)
-  if weight_decay:
+  if not _is_static_zero(weight_decay):
     hv = tree_axpy(weight_decay, v, hv)  # (H + wd I) v
   return g_w, hv, loss_aux
 
@@ -170,7 +186,7 @@ def _central_difference(grad_fn, omega, u, r):
 def hvp_fd(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, r=0.01, has_aux=False):
   """(H + wd I) v by central differences of dL/dw, step r / |v| (MATH.md)."""
   hv = _central_difference(_grad_w(loss_fn, alpha, batch, has_aux), omega, v, r)
-  if weight_decay:
+  if not _is_static_zero(weight_decay):
     hv = tree_axpy(weight_decay, v, hv)  # the decay term is linear: add it exactly
   return hv
 
@@ -205,6 +221,10 @@ def _amended(loss_fn, omega, alpha, batch, v, *, eta, weight_decay, products, r,
   """g2' and, for exact products, the training gradient and (Lt, aux) at omega."""
   _check_products(products)
   if products == "exact":
+    # One jvp gives dLt/dw (its primal; the weight step reuses it) and (H + wd I) v,
+    # a second one M u. Linearizing once and evaluating the tangent map twice
+    # saves the second forward pass but not time: the map then carries the
+    # weight-gradient tangents XLA cannot drop (experiments/profile_step.py).
     g_w, u, loss_aux = grad_and_hvp(loss_fn, omega, alpha, batch, v,
                                     weight_decay=weight_decay, has_aux=has_aux)
     mu = mixed_vp(loss_fn, omega, alpha, batch, u, has_aux=has_aux)
@@ -296,13 +316,8 @@ def _implicit(loss_fn, omega, alpha, batch, v, *, weight_decay, damping, maxiter
                          has_aux=has_aux)
   x, info = conjugate_gradient(matvec, v, maxiter=maxiter, tol=tol)
   # One jvp of grad over (w, a) along x gives M x and, as its primal, dLt/dw.
-  fn = _loss_with_aux(loss_fn, has_aux)
-
-  def grad_wa(w):
-    (loss, aux), g = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(w, alpha, batch)
-    return g, (loss, aux)
-
-  (g_w, _), (_, mx), loss_aux = jax.jvp(grad_wa, (omega,), (x,), has_aux=True)
+  (g_w, _), (_, mx), loss_aux = jax.jvp(_grad_wa(loss_fn, alpha, batch, has_aux), (omega,),
+                                        (x,), has_aux=True)
   return tree_scale(-1.0, mx), info, g_w, loss_aux
 
 
@@ -318,7 +333,7 @@ def unrolled_weights(train_grad, omega, xi, *, weight_decay=0.0, momentum_term=N
   it into the unrolled step); None leaves it out.
   """
   step = train_grad
-  if weight_decay:
+  if not _is_static_zero(weight_decay):
     step = tree_axpy(weight_decay, omega, step)
   if momentum_term is not None:
     step = tree_add(step, momentum_term)
@@ -338,8 +353,8 @@ def arch_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch, *,
     "implicit":    g = g1 - M (H + (wd + damping) I)^-1 v        (paper eq. 5, CG)
 
   Returns `(g, aux)`. aux holds "g1", "g2" (the second term; zeros for
-  first_order), "v" (dLv/dw, at w' for darts), "val_loss", "val_aux",
-  "train_grad" (dLt/dw at omega where it was computed on the way, else None),
+  first_order), "v" (dLv/dw, at w' for darts; None for first_order, which needs
+  none), "val_loss", "val_aux", "train_grad" (dLt/dw at omega where it was computed on the way, else None),
   "train_loss" and "train_aux" (from the same evaluation, else None) and, for
   implicit, "cg" (CGInfo).
   """
@@ -358,8 +373,15 @@ def arch_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch, *,
   else:
     omega_eval = omega
 
-  (val_loss, val_aux), (v, g1) = jax.value_and_grad(val_fn, argnums=(0, 1), has_aux=True)(
-      omega_eval, alpha, val_batch)
+  if method == "first_order":
+    # Only dLv/da: skipping dLv/dw (the weights' kernel gradients) makes the pass
+    # less than half as long (experiments/profile_step.py: grad_a against grad_wa).
+    (val_loss, val_aux), g1 = jax.value_and_grad(val_fn, argnums=1, has_aux=True)(
+        omega_eval, alpha, val_batch)
+    v = None
+  else:
+    (val_loss, val_aux), (v, g1) = jax.value_and_grad(val_fn, argnums=(0, 1), has_aux=True)(
+        omega_eval, alpha, val_batch)
 
   extra = {}
   if method == "first_order":

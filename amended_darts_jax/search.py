@@ -238,7 +238,8 @@ def collapse_stats(space: spaces.SearchSpace, alpha) -> dict[str, float]:
   weights = weights.reshape(-1, space.num_ops)
   ops_ = list(space.ops)
   stats = {"skip_dominated_edges": float(np.sum(np.argmax(weights, -1)
-                                                 == ops_.index("skip_connect")))}
+                                                 == ops_.index("skip_connect"))),
+           "normal_edges": float(weights.shape[0])}
   if "none" in ops_:
     stats["none_weight"] = float(weights[:, ops_.index("none")].mean())
   return stats
@@ -246,6 +247,7 @@ def collapse_stats(space: spaces.SearchSpace, alpha) -> dict[str, float]:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) a search in workdir; returns a summary of the final state."""
+  t_run = time.perf_counter()
   validate_config(cfg)
   rundir.setup_compilation_cache(cfg.compilation_cache_dir)
   if cfg.distributed:
@@ -311,7 +313,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   compiled_step = step_fn.lower(state, first_train, first_val).compile()
   compile_s = time.perf_counter() - t0
-  logging.info("compiled the %s/%s search step in %.1f s", cfg.method, cfg.products, compile_s)
+  startup_s = time.perf_counter() - t_run  # until the first step can start
+  logging.info("compiled the %s/%s search step in %.1f s (%.1f s since start)", cfg.method,
+               cfg.products, compile_s, startup_s)
   eval_fn = jax.jit(functools.partial(eval_step, model), in_shardings=(repl, shard),
                     out_shardings=repl)
   monitor_fn = None
@@ -322,6 +326,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   writer = MetricWriter(workdir, enabled=is_main)
   writer.write({"kind": "setup", "step": start_step, "compile_s": compile_s,
+                "startup_s": startup_s,
                 "devices": parallel.describe(mesh), "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps})
   history_path = os.path.join(workdir, "alpha_history.jsonl")

@@ -8,6 +8,7 @@ pairs, in DARTS' format, so the same discrete network serves every space.
     darts: all 14 edges, 8 ops with `none`, shared normal/reduce alphas, top-2 edges per node
     s1:    8 fixed edges, 7 ops, shared normal/reduce alphas, argmax per edge
     s2:    8 fixed edges, {skip_connect, sep_conv_3x3}, one alpha per cell (20 cells)
+    s2_all: s2's layout with s1's seven ops (the search the paper could not fit in memory)
 """
 
 from __future__ import annotations
@@ -273,6 +274,8 @@ SPACES = {
                       discretize="argmax", default_layers=8),
     "s2": SearchSpace("s2", ("skip_connect", "sep_conv_3x3"), _chain_edges(STEPS), per_cell=True,
                       discretize="argmax", default_layers=20),
+    "s2_all": SearchSpace("s2_all", PRIMITIVES[1:], _chain_edges(STEPS), per_cell=True,
+                          discretize="argmax", default_layers=20),
 }
 
 

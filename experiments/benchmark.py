@@ -10,7 +10,9 @@ space, C=16, 8 cells, batch 64, 32x32x3, 10 classes: DARTS' CIFAR-10 search) and
 (`weight_only` is the weight step alone; the others are the full search step of
 `amended_darts_jax.search`) it measures the compile time, the median step time
 over `--steps` steps after `--warmup` warm-up steps, and the peak memory: device
-statistics on a GPU/TPU, the peak resident memory of the process on CPU. Every
+statistics on a GPU/TPU, the peak resident memory of the process on CPU, and on
+every backend XLA's buffer plan for the step (`memory_analysis()`: temporary
+buffers, and those plus arguments, outputs and code, less donated buffers). Every
 measurement runs in its own subprocess, so peaks do not carry over. Batches are
 synthetic and in memory: no tensorflow-datasets needed.
 
@@ -29,11 +31,8 @@ import time
 
 from absl import app, flags
 
-SIZES = {
-    "tiny": dict(space="s2", C=8, layers=2, batch=16, image=(16, 16, 3), classes=10),
-    "darts_search": dict(space="darts", C=16, layers=8, batch=64, image=(32, 32, 3), classes=10),
-    "s2_search": dict(space="s2", C=16, layers=20, batch=64, image=(32, 32, 3), classes=10),
-}
+from common import SIZES
+
 METHODS = ("weight_only", "first_order", "darts/exact", "darts/fd", "amended/exact",
            "amended/fd")
 
@@ -44,6 +43,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
 _REMAT = flags.DEFINE_list("remat", ["false"], "Rematerialize per cell: true, false or both.")
 _DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | shift | dense.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Override the size's batch (0: keep).")
+_SPACE = flags.DEFINE_string("space", "", "Override the size's space, e.g. s2_all (s2 with all "
+                             "seven operations).")
+_LAYERS = flags.DEFINE_integer("layers", 0, "Override the size's number of cells (0: keep).")
 _OUT = flags.DEFINE_string("out", "runs/benchmark", "Output directory.")
 _ONE = flags.DEFINE_string("one", "", "Internal: measure one method/products/remat and print JSON.")
 
@@ -81,43 +83,20 @@ def _peak_memory_mb(jax, reset_ok: bool) -> tuple[float, str]:
 def measure_one(spec: str) -> dict:
   """Compiles and times one step in this process; returns one result row."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import optax
 
-  from amended_darts_jax import ops, search, spaces
-  from amended_darts_jax.configs import default
+  import common
+  from amended_darts_jax import search
 
   method_products, remat = spec.rsplit("@", 1)
   method, _, products = method_products.partition("/")
   products = products or "exact"
-  size = dict(SIZES[_SIZE.value])
-  if _BATCH.value:
-    size["batch"] = _BATCH.value
-  cfg = default.get_config()
-  cfg.space, cfg.init_channels, cfg.layers = size["space"], size["C"], size["layers"]
-  cfg.remat, cfg.depthwise_impl = remat == "true", _DEPTHWISE.value
-  cfg.method = "first_order" if method == "weight_only" else method
-  cfg.products = products
-  model = search.make_model(cfg, size["classes"])
-  w_tx, a_tx, lr_fn = search.make_optimizers(cfg, steps_per_epoch=100)
-  sc = search.StepConfig(model, cfg.method, cfg.products, cfg.eta, cfg.fd_r, cfg.weight_decay,
-                         cfg.damping, cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx,
-                         lr_fn)
-  rng = np.random.default_rng(0)
-
-  def batch():
-    return {"image": jnp.asarray(rng.normal(size=(size["batch"], *size["image"])), jnp.float32),
-            "label": jnp.asarray(rng.integers(0, size["classes"], size["batch"]), jnp.int32)}
-
-  space = spaces.get_space(cfg.space)
-  alpha = space.init_alpha(jax.random.PRNGKey(0), cfg.layers)
-  variables = ops.init_variables(model, 0, jnp.zeros((2, *size["image"])), alpha, train=False)
-  state = search.SearchState(
-      step=jnp.array(0, jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"], alpha=alpha,
-      w_opt_state=w_tx.init(variables["params"]), a_opt_state=a_tx.init(alpha),
-      rng=jax.random.PRNGKey(1), bad_step=jnp.array(-1, jnp.int32))
+  size, cfg, sc, state, batch = common.setup(
+      _SIZE.value, method="first_order" if method == "weight_only" else method,
+      products=products, remat=remat == "true", depthwise_impl=_DEPTHWISE.value,
+      batch=_BATCH.value, space=_SPACE.value, layers=_LAYERS.value)
+  model, w_tx = sc.model, sc.w_tx
 
   if method == "weight_only":
     def step(state, train_batch, val_batch):
@@ -139,6 +118,13 @@ def measure_one(spec: str) -> dict:
   compiled = jax.jit(step, donate_argnums=0).lower(state, train_batch, val_batch).compile()
   compile_s = time.perf_counter() - t0
   compile_peak_mb = _peak_rss_mb()
+  # XLA's own plan for the step's buffers: device-independent, and on CPU free
+  # of the compiler's leftovers that inflate the resident-memory figure.
+  analysis = compiled.memory_analysis()
+  xla_temp_mb = getattr(analysis, "temp_size_in_bytes", 0) / 2**20
+  xla_total_mb = sum(getattr(analysis, f"{kind}_size_in_bytes", 0) for kind in
+                     ("temp", "argument", "output", "generated_code")) / 2**20 - getattr(
+                         analysis, "alias_size_in_bytes", 0) / 2**20
   reset_ok = _reset_peak_rss()
   for _ in range(_WARMUP.value):
     state, metrics = compiled(state, train_batch, val_batch)
@@ -156,6 +142,7 @@ def measure_one(spec: str) -> dict:
               median_step_s=round(statistics.median(times), 5),
               min_step_s=round(min(times), 5), steps=len(times),
               peak_memory_mb=round(peak_mb, 1), memory_kind=peak_kind,
+              xla_temp_mb=round(xla_temp_mb, 1), xla_total_mb=round(xla_total_mb, 1),
               rss_before_compile_mb=round(rss_before_mb, 1),
               rss_peak_compiling_mb=round(compile_peak_mb, 1),
               loss_finite=bool(np.isfinite(float(metrics["train_loss"]))),
@@ -163,11 +150,12 @@ def measure_one(spec: str) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ["| method | products | remat | compile s | median step s | peak MB (kind) |",
-           "| --- | --- | --- | --- | --- | --- |"]
+  lines = ["| method | products | remat | compile s | median step s | peak MB (kind) | "
+           "XLA temp MB | XLA total MB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['compile_s']} | "
-                 f"{r['median_step_s']} | {r['peak_memory_mb']} ({r['memory_kind']}) |")
+                 f"{r['median_step_s']} | {r['peak_memory_mb']} ({r['memory_kind']}) | "
+                 f"{r['xla_temp_mb']} | {r['xla_total_mb']} |")
   return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 
 from amended_darts_jax import hypergrad as hg  # noqa: E402
+from common import counterexample  # noqa: E402
 
 _A_VALUES = flags.DEFINE_list("a_values", ["-1", "0.5", "2"], "Values of a_t.")
 _ETAS = flags.DEFINE_list("etas", ["0.01", "0.1", "0.25", "1"],
@@ -51,18 +52,6 @@ def toy_table(a_values, etas):
           angle_amended=angle_deg(hg.tree_add(g1, g2p), g),
           angle_darts=angle_deg(hg.tree_add(g1, g2pp), g)))
   return rows
-
-
-def counterexample():
-  """MATH.md: H = diag(1, 10), M = [1, 1], v = (1, -1), eta = 0.1."""
-  h = jnp.array([1.0, 10.0])
-  lt = lambda w, a, b: 0.5 * jnp.sum(h * w["w"] ** 2) + a["a"] * jnp.sum(w["w"])
-  lv = lambda w, a, b: w["w"][0] - w["w"][1]
-  omega, alpha = {"w": jnp.zeros(2)}, {"a": jnp.array(0.0)}
-  _, aux = hg.arch_gradient(lt, lv, omega, alpha, None, None, method="implicit", cg_tol=1e-14)
-  g2p = hg.amended_term(lt, omega, alpha, None, aux["v"], eta=0.1)
-  g2pp = hg.darts_term(lt, omega, alpha, None, aux["v"], xi=0.1)
-  return float(aux["g2"]["a"]), float(g2p["a"]), float(g2pp["a"]), float(hg.tree_vdot(g2p, aux["g2"]))
 
 
 def main(argv):

@@ -131,6 +131,9 @@ def test_weight_decay_adds_exactly_wd_times_v():
     assert_close(flat(decayed) - flat(plain), wd * flat(v), rtol=1e-12, atol=1e-15)
     fd = hg.hvp_fd(mlp_loss, omega, alpha, batch, v, weight_decay=wd, r=1e-4)
     assert_close(flat(fd), flat(decayed), rtol=1e-6)
+    # A traced decay (a damping swept under jit) is added too, not tested for truth.
+    traced = jax.jit(lambda d: hg.hvp(mlp_loss, omega, alpha, batch, v, weight_decay=d))(wd)
+    assert_close(flat(traced) - flat(plain), wd * flat(v), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.usefixtures("x64")

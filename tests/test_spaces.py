@@ -17,6 +17,7 @@ def test_architecture_counts_match_direct_count():
   assert spaces.get_space("darts").num_architectures() == 1_076_746_950_455_072_400
   assert spaces.get_space("s1").num_architectures() == 7 ** 16 == 33_232_930_569_601
   assert spaces.get_space("s2").num_architectures() == 2 ** 160
+  assert spaces.get_space("s2_all").num_architectures() == 7 ** 160
 
 
 def test_space_structure():

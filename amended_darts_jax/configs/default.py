@@ -21,7 +21,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   # What to search.
-  c.space = "s2"  # darts | s1 | s2
+  c.space = "s2"  # darts | s1 | s2 | s2_all
   c.dataset = "digits"  # digits (embedded) | cifar10 | cifar100
   c.data_dir = ""  # tfds data_dir; "" is tfds' default
   c.download = False  # let tfds try to download and prepare (needs TensorFlow)

@@ -1,0 +1,108 @@
+"""Named network sizes and a synthetic search setup shared by the benchmark scripts.
+
+Batches are random and in memory, so nothing here needs tensorflow-datasets.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amended_darts_jax import ops, search, spaces
+from amended_darts_jax.configs import default
+
+SIZES = {
+    "tiny": dict(space="s2", C=8, layers=2, batch=16, image=(16, 16, 3), classes=10),
+    "darts_search": dict(space="darts", C=16, layers=8, batch=64, image=(32, 32, 3), classes=10),
+    "s2_search": dict(space="s2", C=16, layers=20, batch=64, image=(32, 32, 3), classes=10),
+}
+
+
+def setup(size_name, *, method="amended", products="exact", remat=False, depthwise_impl="auto",
+          batch=0, space="", layers=0):
+  """(size, cfg, StepConfig, initial SearchState, make_batch) for a named size.
+
+  `batch`, `space` and `layers` override the size's values when given.
+  """
+  size = dict(SIZES[size_name])
+  for key, value in (("batch", batch), ("space", space), ("layers", layers)):
+    if value:
+      size[key] = value
+  cfg = default.get_config()
+  cfg.space, cfg.init_channels, cfg.layers = size["space"], size["C"], size["layers"]
+  cfg.remat, cfg.depthwise_impl = remat, depthwise_impl
+  cfg.method, cfg.products = method, products
+  model = search.make_model(cfg, size["classes"])
+  w_tx, a_tx, lr_fn = search.make_optimizers(cfg, steps_per_epoch=100)
+  sc = search.StepConfig(model, cfg.method, cfg.products, cfg.eta, cfg.fd_r, cfg.weight_decay,
+                         cfg.damping, cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx,
+                         lr_fn)
+  alpha = spaces.get_space(cfg.space).init_alpha(jax.random.PRNGKey(0), cfg.layers)
+  variables = ops.init_variables(model, 0, jnp.zeros((2, *size["image"])), alpha, train=False)
+  state = search.SearchState(
+      step=jnp.array(0, jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], alpha=alpha,
+      w_opt_state=w_tx.init(variables["params"]), a_opt_state=a_tx.init(alpha),
+      rng=jax.random.PRNGKey(1), bad_step=jnp.array(-1, jnp.int32))
+  rng = np.random.default_rng(0)
+
+  def make_batch():
+    return {"image": jnp.asarray(rng.normal(size=(size["batch"], *size["image"])), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, size["classes"], size["batch"]), jnp.int32)}
+
+  return size, cfg, sc, state, make_batch
+
+
+def digits_trajectory(cfg, checkpoints, method="first_order"):
+  """Search states along a search on the embedded digits, without augmentation.
+
+  Runs `method` steps of `amended_darts_jax.search` with `cfg` and yields
+  `(step, state, train_batch, val_batch, lr)` at each step count in
+  `checkpoints` (0 is the initialisation); the batches are the next ones the
+  search would see, as host arrays, and lr is the weight learning rate there.
+  """
+  import functools
+
+  from amended_darts_jax import input_pipeline
+
+  splits, info = input_pipeline.load("digits")
+  tr, va = input_pipeline.search_split(len(splits["train"]), cfg.train_portion, cfg.seed)
+  make = lambda idx, seed: input_pipeline.Batches(input_pipeline.Subset(splits["train"], idx),
+                                                  info, cfg.batch_size, seed, None)
+  train_b, val_b = make(tr, cfg.seed), make(va, cfg.seed + 1)
+  model = search.make_model(cfg, info.num_classes)
+  steps_per_epoch = min(train_b.steps_per_epoch, val_b.steps_per_epoch)
+  w_tx, a_tx, lr_fn = search.make_optimizers(cfg, steps_per_epoch)
+  sc = search.StepConfig(model, method, "exact", cfg.eta, cfg.fd_r, cfg.weight_decay,
+                         cfg.damping, cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx,
+                         lr_fn)
+  alpha = spaces.get_space(cfg.space).init_alpha(jax.random.PRNGKey(cfg.seed), cfg.layers)
+  variables = ops.init_variables(model, cfg.seed, jnp.zeros((2, *info.image_shape)), alpha,
+                                 train=False)
+  state = search.SearchState(
+      step=jnp.array(0, jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], alpha=alpha,
+      w_opt_state=w_tx.init(variables["params"]), a_opt_state=a_tx.init(alpha),
+      rng=jax.random.PRNGKey(cfg.seed + 2), bad_step=jnp.array(-1, jnp.int32))
+  step_fn = jax.jit(functools.partial(search.search_step, sc))
+  done = 0
+  for target in sorted(checkpoints):
+    while done < target:
+      state, _ = step_fn(state, train_b.batch(done), val_b.batch(done))
+      done += 1
+    yield done, state, train_b.batch(done), val_b.batch(done), float(lr_fn(done))
+
+
+def counterexample():
+  """MATH.md's counterexample to `<g2', g2> >= 0`: H = diag(1, 10), M = [1, 1],
+  v = (1, -1), eta = 0.1. Returns (g2, g2', g2'', <g2', g2>) from the library."""
+  from amended_darts_jax import hypergrad as hg
+
+  h = jnp.array([1.0, 10.0])
+  lt = lambda w, a, b: 0.5 * jnp.sum(h * w["w"] ** 2) + a["a"] * jnp.sum(w["w"])
+  lv = lambda w, a, b: w["w"][0] - w["w"][1]
+  omega, alpha = {"w": jnp.zeros(2)}, {"a": jnp.array(0.0)}
+  _, aux = hg.arch_gradient(lt, lv, omega, alpha, None, None, method="implicit", cg_tol=1e-14)
+  g2p = hg.amended_term(lt, omega, alpha, None, aux["v"], eta=0.1)
+  g2pp = hg.darts_term(lt, omega, alpha, None, aux["v"], xi=0.1)
+  return (float(aux["g2"]["a"]), float(g2p["a"]), float(g2pp["a"]),
+          float(hg.tree_vdot(g2p, aux["g2"])))
