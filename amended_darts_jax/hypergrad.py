@@ -105,37 +105,24 @@ def _loss_with_aux(loss_fn: LossFn, has_aux: bool) -> LossFn:
   return lambda w, a, batch: (loss_fn(w, a, batch), None)
 
 
-def _grad_w(loss_fn, alpha, batch, has_aux):
-  """w -> (dL/dw, (L, aux)), the function whose jvp gives H u."""
+def _grad(loss_fn, alpha, batch, has_aux, argnums):
+  """w -> (dL/d(argnums), (L, aux)); its jvp along u gives H u (argnums=0), M u
+  (argnums=1) or both (argnums=(0, 1))."""
   fn = _loss_with_aux(loss_fn, has_aux)
 
-  def grad_w(w):
-    (loss, aux), g = jax.value_and_grad(fn, argnums=0, has_aux=True)(w, alpha, batch)
+  def grad(w):
+    (loss, aux), g = jax.value_and_grad(fn, argnums=argnums, has_aux=True)(w, alpha, batch)
     return g, (loss, aux)
 
-  return grad_w
+  return grad
+
+
+def _grad_w(loss_fn, alpha, batch, has_aux):
+  return _grad(loss_fn, alpha, batch, has_aux, 0)
 
 
 def _grad_a(loss_fn, alpha, batch, has_aux):
-  """w -> (dL/da, (L, aux)), the function whose jvp in w gives M u."""
-  fn = _loss_with_aux(loss_fn, has_aux)
-
-  def grad_a(w):
-    (loss, aux), g = jax.value_and_grad(fn, argnums=1, has_aux=True)(w, alpha, batch)
-    return g, (loss, aux)
-
-  return grad_a
-
-
-def _grad_wa(loss_fn, alpha, batch, has_aux):
-  """w -> ((dL/dw, dL/da), (L, aux)); its jvp along u gives (H u, M u)."""
-  fn = _loss_with_aux(loss_fn, has_aux)
-
-  def grad_wa(w):
-    (loss, aux), g = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(w, alpha, batch)
-    return g, (loss, aux)
-
-  return grad_wa
+  return _grad(loss_fn, alpha, batch, has_aux, 1)
 
 
 def grad_and_hvp(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, has_aux=False):
@@ -223,8 +210,8 @@ def _amended(loss_fn, omega, alpha, batch, v, *, eta, weight_decay, products, r,
   if products == "exact":
     # One jvp gives dLt/dw (its primal; the weight step reuses it) and (H + wd I) v,
     # a second one M u. Linearizing once and evaluating the tangent map twice
-    # saves the second forward pass but not time: the map then carries the
-    # weight-gradient tangents XLA cannot drop (experiments/profile_step.py).
+    # saves the second forward pass but measured no faster
+    # (experiments/profile_step.py, BUILD_NOTES.md).
     g_w, u, loss_aux = grad_and_hvp(loss_fn, omega, alpha, batch, v,
                                     weight_decay=weight_decay, has_aux=has_aux)
     mu = mixed_vp(loss_fn, omega, alpha, batch, u, has_aux=has_aux)
@@ -316,8 +303,8 @@ def _implicit(loss_fn, omega, alpha, batch, v, *, weight_decay, damping, maxiter
                          has_aux=has_aux)
   x, info = conjugate_gradient(matvec, v, maxiter=maxiter, tol=tol)
   # One jvp of grad over (w, a) along x gives M x and, as its primal, dLt/dw.
-  (g_w, _), (_, mx), loss_aux = jax.jvp(_grad_wa(loss_fn, alpha, batch, has_aux), (omega,),
-                                        (x,), has_aux=True)
+  (g_w, _), (_, mx), loss_aux = jax.jvp(_grad(loss_fn, alpha, batch, has_aux, (0, 1)),
+                                        (omega,), (x,), has_aux=True)
   return tree_scale(-1.0, mx), info, g_w, loss_aux
 
 
@@ -354,8 +341,8 @@ def arch_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch, *,
 
   Returns `(g, aux)`. aux holds "g1", "g2" (the second term; zeros for
   first_order), "v" (dLv/dw, at w' for darts; None for first_order, which needs
-  none), "val_loss", "val_aux", "train_grad" (dLt/dw at omega where it was computed on the way, else None),
-  "train_loss" and "train_aux" (from the same evaluation, else None) and, for
+  none), "val_loss", "val_aux", "train_grad" (dLt/dw at omega where it was
+  computed on the way, else None), "train_loss" and "train_aux" (from the same evaluation, else None) and, for
   implicit, "cg" (CGInfo).
   """
   if method not in METHODS:
@@ -373,15 +360,12 @@ def arch_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch, *,
   else:
     omega_eval = omega
 
-  if method == "first_order":
-    # Only dLv/da: skipping dLv/dw (the weights' kernel gradients) makes the pass
-    # less than half as long (experiments/profile_step.py: grad_a against grad_wa).
-    (val_loss, val_aux), g1 = jax.value_and_grad(val_fn, argnums=1, has_aux=True)(
-        omega_eval, alpha, val_batch)
-    v = None
-  else:
-    (val_loss, val_aux), (v, g1) = jax.value_and_grad(val_fn, argnums=(0, 1), has_aux=True)(
-        omega_eval, alpha, val_batch)
+  # first_order needs only dLv/da: skipping dLv/dw (the weights' kernel gradients)
+  # makes the pass less than half as long (experiments/profile_step.py).
+  wrt = 1 if method == "first_order" else (0, 1)
+  (val_loss, val_aux), grads = jax.value_and_grad(val_fn, argnums=wrt, has_aux=True)(
+      omega_eval, alpha, val_batch)
+  v, g1 = (None, grads) if method == "first_order" else grads
 
   extra = {}
   if method == "first_order":

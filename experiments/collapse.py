@@ -25,7 +25,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from amended_darts_jax import cli, metrics, search
+from amended_darts_jax import cli, metrics, rundir, search
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(search.__file__)), "configs",
@@ -60,10 +60,7 @@ def run_all() -> list[dict]:
     summary = search.run(cfg, workdir)
     result = dict(setting=name, **changes, wall_s=time.perf_counter() - t0,
                   compile_s=summary["compile_s"], genotype=summary["genotype"])
-    tmp = done_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(result, f)
-    os.replace(tmp, done_path)
+    rundir.write_json(done_path, result)  # atomic: a killed sweep reruns this setting
     results.append(result)
   return results
 

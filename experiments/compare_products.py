@@ -12,8 +12,9 @@ of `r` (the step is `e = r/|v|`; r = 0.01 is DARTS' rule): `H v`, `M u` with
 cosine, in float32 and float64, with ReLU and with softplus. Writes
 `results.jsonl`, `error_vs_r.png` (one line per setting) and `summary.md`.
 Each activation and dtype compiles two programs (exact products; finite
-differences at a given r), reused for every point and every r. Last, the time and peak memory of one amended search step
-with exact products and with finite differences, side by side in one run of
+differences at a given r), reused for every point and every r. Last, the time
+and peak memory of one amended search step with exact products and with finite
+differences, side by side in one run of
 `experiments/benchmark.py` at `--bench_size` (a subprocess per measurement), go
 into the summary.
 """
