@@ -34,6 +34,11 @@ def torch_bias_init(fan_in: int):
                                                                   bound)
 
 
+# A submodule whose name starts with this holds its variables stacked along a
+# leading axis (`nn.vmap`, e.g. the edges leaving one state in a supernet cell).
+STACKED_PREFIX = "stacked_"
+
+
 def _kernel_fan_in(shape) -> int:
   if len(shape) == 3:  # depthwise (k, k, C): each output sees a k x k window
     return shape[0] * shape[1]
@@ -54,20 +59,23 @@ def init_variables(module: nn.Module, seed: int, *args, **kwargs) -> dict[str, A
                           {"params": key, "dropout": key}, *args)
   rng = np.random.default_rng(seed)
 
-  def fill(collection, tree):
+  def fill(collection, tree, stacked=False):
     out = {}
     for name, leaf in tree.items():
       if isinstance(leaf, dict):
-        out[name] = fill(collection, leaf)
+        out[name] = fill(collection, leaf, stacked or name.startswith(STACKED_PREFIX))
         continue
       shape, dtype = leaf.shape, leaf.dtype
+      # Under a stacked module each slice along the first axis is one module's variable.
+      slice_shape = shape[1:] if stacked else shape
       if collection == "batch_stats":
         value = np.ones(shape) if name == "var" else np.zeros(shape)
       elif name == "kernel":
-        bound = 1.0 / np.sqrt(_kernel_fan_in(shape))
+        bound = 1.0 / np.sqrt(_kernel_fan_in(slice_shape))
         value = rng.uniform(-bound, bound, shape)
       elif name == "bias" and "kernel" in tree:
-        bound = 1.0 / np.sqrt(_kernel_fan_in(tree["kernel"].shape))
+        kernel_shape = tree["kernel"].shape[1:] if stacked else tree["kernel"].shape
+        bound = 1.0 / np.sqrt(_kernel_fan_in(kernel_shape))
         value = rng.uniform(-bound, bound, shape)
       elif name == "scale":
         value = np.ones(shape)
@@ -102,14 +110,19 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 DENSE_MAX_CHANNELS = 32
 
 
-def resolve_depthwise_impl(impl: str, kernel_size: int, channels: int = 0) -> str:
+def resolve_depthwise_impl(impl: str, kernel_size: int, channels: int = 0,
+                           shared_input: bool = True) -> str:
   """The formulation `impl` means for a k x k kernel over `channels` on this backend.
 
   "auto" keeps XLA's grouped convolution on GPU/TPU. On CPU it takes the dense
   diagonal-kernel convolution up to DENSE_MAX_CHANNELS channels (as fast as the
   grouped one or faster, and it compiles faster than the shifted sum, whose
   k*k slices and their tangents each become a kernel) and the shifted sum above
-  (3-6x faster than both at 36-144 channels). BUILD_NOTES.md has the measurements.
+  (3-6x faster than both at 36-144 channels). Under a `vmap` over kernels whose
+  input is batched as well (`shared_input=False`) the dense form batches into a
+  grouped convolution, slow on CPU, so "auto" takes the shifted sum there; with a
+  shared input it batches into one convolution with more output channels.
+  BUILD_NOTES.md has the measurements.
   """
   if impl not in DEPTHWISE_IMPLS:
     raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
@@ -117,7 +130,7 @@ def resolve_depthwise_impl(impl: str, kernel_size: int, channels: int = 0) -> st
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "conv"
-    return "dense" if channels <= DENSE_MAX_CHANNELS else "shift"
+    return "dense" if shared_input and channels <= DENSE_MAX_CHANNELS else "shift"
   return impl
 
 
@@ -161,12 +174,17 @@ def depthwise_conv_shift(x_NHWC, kernel_KKC, stride, pad, dilation):
 
 
 class DepthwiseConv(nn.Module):
-  """k x k depthwise convolution without bias; `impl` picks the formulation."""
+  """k x k depthwise convolution without bias; `impl` picks the formulation.
+
+  `shared_input=False` says the module runs under a `vmap` whose input is
+  batched too (resolve_depthwise_impl).
+  """
   kernel_size: int
   stride: int = 1
   padding: int = 0
   dilation: int = 1
   impl: str = "auto"
+  shared_input: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -175,7 +193,8 @@ class DepthwiseConv(nn.Module):
     kernel = self.param("kernel", lambda key, shape: torch_init(key, (k, k, 1, shape[-1]))[:, :, 0],
                         (k, k, x.shape[-1]))
     fn = {"shift": depthwise_conv_shift, "conv": depthwise_conv_grouped,
-          "dense": depthwise_conv_dense}[resolve_depthwise_impl(self.impl, k, x.shape[-1])]
+          "dense": depthwise_conv_dense}[
+              resolve_depthwise_impl(self.impl, k, x.shape[-1], self.shared_input)]
     return fn(x, kernel.astype(x.dtype), self.stride, self.padding, self.dilation)
 
 
@@ -212,7 +231,11 @@ class ReLUConvBN(nn.Module):
 
 
 class SepConv(nn.Module):
-  """Separable conv applied twice: (act, depthwise, 1x1, BN) x 2; only the first strides."""
+  """Separable conv applied twice: (act, depthwise, 1x1, BN) x 2; only the first strides.
+
+  `edge_batched`: the module runs under `nn.vmap` over edges that share its input,
+  so the second depthwise convolution sees a different input per edge.
+  """
   features: int
   kernel_size: int
   stride: int
@@ -220,6 +243,7 @@ class SepConv(nn.Module):
   affine: bool = True
   act: str = "relu"
   depthwise_impl: str = "auto"
+  edge_batched: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -227,7 +251,8 @@ class SepConv(nn.Module):
     act = activation(self.act)
     x = DepthwiseConv(self.kernel_size, self.stride, self.padding, 1, self.depthwise_impl)(act(x))
     x = batch_norm(train, self.affine)(pointwise(c_in)(x))
-    x = DepthwiseConv(self.kernel_size, 1, self.padding, 1, self.depthwise_impl)(act(x))
+    x = DepthwiseConv(self.kernel_size, 1, self.padding, 1, self.depthwise_impl,
+                      shared_input=not self.edge_batched)(act(x))
     return batch_norm(train, self.affine)(pointwise(self.features)(x))
 
 
@@ -279,6 +304,7 @@ class Op(nn.Module):
   """One named DARTS operation at `stride`, producing `features` channels.
 
   `pool_bn` appends a non-affine BN to the pools, as DARTS' MixedOp does in search.
+  `edge_batched`: it runs under `nn.vmap` over edges that share its input (SepConv).
   `none` returns zeros of the output shape.
   """
   op_name: str
@@ -288,6 +314,7 @@ class Op(nn.Module):
   pool_bn: bool = False
   act: str = "relu"
   depthwise_impl: str = "auto"
+  edge_batched: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -302,9 +329,9 @@ class Op(nn.Module):
     if op == "skip_connect":
       return x if s == 1 else FactorizedReduce(c, **common)(x, train)
     if op == "sep_conv_3x3":
-      return SepConv(c, 3, s, 1, **common, **dw)(x, train)
+      return SepConv(c, 3, s, 1, **common, **dw, edge_batched=self.edge_batched)(x, train)
     if op == "sep_conv_5x5":
-      return SepConv(c, 5, s, 2, **common, **dw)(x, train)
+      return SepConv(c, 5, s, 2, **common, **dw, edge_batched=self.edge_batched)(x, train)
     if op == "dil_conv_3x3":
       return DilConv(c, 3, s, 2, 2, **common, **dw)(x, train)
     if op == "dil_conv_5x5":

@@ -92,7 +92,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 def make_model(cfg, num_classes: int) -> supernet.Supernet:
   return supernet.Supernet(cfg.space, C=cfg.init_channels, layers=cfg.layers,
                            num_classes=num_classes, act=cfg.activation,
-                           depthwise_impl=cfg.depthwise_impl, remat=cfg.remat)
+                           depthwise_impl=cfg.depthwise_impl, remat=cfg.remat,
+                           batch_edges=cfg.batch_edges)
 
 
 def make_optimizers(cfg, steps_per_epoch: int):

@@ -41,6 +41,8 @@ _METHODS = flags.DEFINE_list("methods", list(METHODS), "method or method/product
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
 _REMAT = flags.DEFINE_list("remat", ["false"], "Rematerialize per cell: true, false or both.")
+_BATCH_EDGES = flags.DEFINE_list("batch_edges", ["true"], "The edges leaving a state as one "
+                                 "vmapped op (true) or one op per edge (false), or both.")
 _DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | shift | dense.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Override the size's batch (0: keep).")
 _SPACE = flags.DEFINE_string("space", "", "Override the size's space, e.g. s2_all (s2 with all "
@@ -89,13 +91,14 @@ def measure_one(spec: str) -> dict:
   import common
   from amended_darts_jax import search
 
-  method_products, remat = spec.rsplit("@", 1)
+  method_products, remat, batch_edges = spec.split("@")
   method, _, products = method_products.partition("/")
   products = products or "exact"
   size, cfg, sc, state, batch = common.setup(
       _SIZE.value, method="first_order" if method == "weight_only" else method,
       products=products, remat=remat == "true", depthwise_impl=_DEPTHWISE.value,
-      batch=_BATCH.value, space=_SPACE.value, layers=_LAYERS.value)
+      batch=_BATCH.value, space=_SPACE.value, layers=_LAYERS.value,
+      batch_edges=batch_edges == "true")
   model, w_tx = sc.model, sc.w_tx
 
   if method == "weight_only":
@@ -138,7 +141,7 @@ def measure_one(spec: str) -> dict:
   peak_mb, peak_kind = _peak_memory_mb(jax, reset_ok)
   return dict(size=_SIZE.value, **{k: size[k] for k in ("space", "C", "layers", "batch")},
               method=method, products=products if method != "weight_only" else "",
-              remat=cfg.remat, compile_s=round(compile_s, 2),
+              remat=cfg.remat, batch_edges=cfg.batch_edges, compile_s=round(compile_s, 2),
               median_step_s=round(statistics.median(times), 5),
               min_step_s=round(min(times), 5), steps=len(times),
               peak_memory_mb=round(peak_mb, 1), memory_kind=peak_kind,
@@ -150,21 +153,23 @@ def measure_one(spec: str) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ["| method | products | remat | compile s | median step s | peak MB (kind) | "
-           "XLA temp MB | XLA total MB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| method | products | remat | batch edges | compile s | median step s | "
+           "peak MB (kind) | XLA temp MB | XLA total MB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
-    lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['compile_s']} | "
+    lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['batch_edges']} | "
+                 f"{r['compile_s']} | "
                  f"{r['median_step_s']} | {r['peak_memory_mb']} ({r['memory_kind']}) | "
                  f"{r['xla_temp_mb']} | {r['xla_total_mb']} |")
   return "\n".join(lines)
 
 
-def _ratio(rows, a, b, remat=False):
+def _ratio(rows, a, b, remat=False, batch_edges=True):
   def pick(spec):
     method, _, products = spec.partition("/")
     for r in rows:
       if (r["method"] == method and (not products or r["products"] == products)
-          and r["remat"] == remat):
+          and r["remat"] == remat and r["batch_edges"] == batch_edges):
         return r
   ra, rb = pick(a), pick(b)
   if ra and rb:
@@ -183,22 +188,26 @@ def main(argv):
       sys.exit(f"error: unknown method {spec!r}; known: {', '.join(METHODS)}, implicit")
   os.makedirs(_OUT.value, exist_ok=True)
   rows = []
-  passthrough = [a for a in sys.argv[1:] if not a.startswith(("--one", "--methods", "--remat"))]
-  for remat in _REMAT.value:
-    for spec in _METHODS.value:
-      cmd = [sys.executable, os.path.abspath(__file__), *passthrough, f"--one={spec}@{remat}"]
-      proc = subprocess.run(cmd, capture_output=True, text=True)
-      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-      if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        row = dict(size=_SIZE.value, method=spec, remat=remat == "true", error=tail)
-        print(json.dumps(row), flush=True)
-      else:
-        row = json.loads(lines[-1][len("RESULT "):])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-      with open(os.path.join(_OUT.value, "results.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+  passthrough = [a for a in sys.argv[1:]
+                 if not a.startswith(("--one", "--methods", "--remat", "--batch_edges"))]
+  variants = [(spec, remat, edges) for remat in _REMAT.value for edges in _BATCH_EDGES.value
+              for spec in _METHODS.value]
+  for spec, remat, edges in variants:
+    cmd = [sys.executable, os.path.abspath(__file__), *passthrough,
+           f"--one={spec}@{remat}@{edges}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+      tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+      row = dict(size=_SIZE.value, method=spec, remat=remat == "true",
+                 batch_edges=edges == "true", error=tail)
+      print(json.dumps(row), flush=True)
+    else:
+      row = json.loads(lines[-1][len("RESULT "):])
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+    with open(os.path.join(_OUT.value, "results.jsonl"), "a") as f:
+      f.write(json.dumps(row) + "\n")
   table = _table(rows)
   ratios = [r for r in (_ratio(rows, "amended/exact", "amended/fd"),
                         _ratio(rows, "amended/exact", "first_order")) if r]

@@ -18,7 +18,7 @@ SIZES = {
 
 
 def setup(size_name, *, method="amended", products="exact", remat=False, depthwise_impl="auto",
-          batch=0, space="", layers=0):
+          batch=0, space="", layers=0, batch_edges=True):
   """(size, cfg, StepConfig, initial SearchState, make_batch) for a named size.
 
   `batch`, `space` and `layers` override the size's values when given.
@@ -29,7 +29,7 @@ def setup(size_name, *, method="amended", products="exact", remat=False, depthwi
       size[key] = value
   cfg = default.get_config()
   cfg.space, cfg.init_channels, cfg.layers = size["space"], size["C"], size["layers"]
-  cfg.remat, cfg.depthwise_impl = remat, depthwise_impl
+  cfg.remat, cfg.depthwise_impl, cfg.batch_edges = remat, depthwise_impl, batch_edges
   cfg.method, cfg.products = method, products
   model = search.make_model(cfg, size["classes"])
   w_tx, a_tx, lr_fn = search.make_optimizers(cfg, steps_per_epoch=100)

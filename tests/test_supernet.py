@@ -39,6 +39,8 @@ def test_depthwise_impl_resolution():
     assert ops.resolve_depthwise_impl("auto", 3, 16) == "dense"
     assert ops.resolve_depthwise_impl("auto", 5, ops.DENSE_MAX_CHANNELS) == "dense"
     assert ops.resolve_depthwise_impl("auto", 5, ops.DENSE_MAX_CHANNELS + 1) == "shift"
+    # Batched kernels over a batched input: the dense form would become a grouped conv.
+    assert ops.resolve_depthwise_impl("auto", 3, 16, shared_input=False) == "shift"
   with pytest.raises(ValueError, match="depthwise_impl must be one of"):
     ops.resolve_depthwise_impl("winograd", 3)
 
@@ -46,18 +48,18 @@ def test_depthwise_impl_resolution():
 @pytest.mark.parametrize("stride", [1, 2])
 def test_every_operation_gets_a_nonzero_alpha_gradient(stride):
   op_names = spaces.PRIMITIVES
-  model = supernet.MixedOp(op_names, 4, stride, depthwise_impl="conv")
+  model = functools.partial(supernet.MixedOp, op_names, 4, stride, depthwise_impl="conv")
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 4))
   w = jnp.full((len(op_names),), 1.0 / len(op_names))
-  variables = ops.init_variables(model, 1, x, w, train=False)
+  variables = ops.init_variables(model(train=False), 1, x, w)
 
   def loss(alpha):
-    y, _ = model.apply(variables, x, jax.nn.softmax(alpha), True, mutable=["batch_stats"])
+    y, _ = model(train=True).apply(variables, x, jax.nn.softmax(alpha), mutable=["batch_stats"])
     return jnp.sum(jnp.sin(y))
 
   grad = jax.jit(jax.grad(loss))(jnp.zeros(len(op_names)))
   assert np.all(np.abs(np.asarray(grad)) > 1e-6), dict(zip(op_names, np.asarray(grad)))
-  y = model.apply(variables, x, w, False)
+  y = model(train=False).apply(variables, x, w)
   assert y.shape == (3, 8 // stride, 8 // stride, 4)
 
 
@@ -76,12 +78,18 @@ def test_supernet_output_shapes(space, C, layers, size):
       variables["batch_stats"])
   # Channels double at each reduction cell: the last cell outputs 4 nodes x 4C.
   assert variables["params"]["classifier"]["kernel"].shape == (4 * 4 * C, 7)
-  # Every op of the space has weights or statistics on every edge of cell 0.
+  # Every op of the space has statistics on every edge of cell 0: one group per
+  # source state, stacked along the group's edges.
+  sp = spaces.get_space(space)
   cell0 = variables["batch_stats"]["cell0"]
-  edges = [k for k in cell0 if k.startswith("edge")]
-  assert len(edges) == spaces.get_space(space).num_edges
-  assert set(cell0["edge0"]) == {op for op in spaces.get_space(space).ops
-                                 if op not in ("none", "skip_connect")}
+  groups = {k: v for k, v in cell0.items() if k.startswith(ops.STACKED_PREFIX)}
+  for src in range(sp.steps + 2):
+    n_edges = sum(1 for s, _ in sp.edges if s == src)
+    name = f"{ops.STACKED_PREFIX}from{src}"
+    assert (name in groups) == (n_edges > 0), name
+    if n_edges:
+      assert set(groups[name]) == {op for op in sp.ops if op not in ("none", "skip_connect")}
+      assert {a.shape[0] for a in jax.tree.leaves(groups[name])} == {n_edges}
 
 
 def test_supernet_alpha_gradient_reaches_every_edge_and_op():
@@ -146,6 +154,66 @@ def test_smooth_activation_option_changes_the_function():
     supernet.Supernet(**{**kw, "act": "swishy"}).init(jax.random.PRNGKey(2), x, alpha, train=False)
 
 
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("reduction, reduction_prev", [(False, True), (True, False)])
+def test_edge_groups_equal_one_mixed_op_per_edge(reduction, reduction_prev):
+  """The vmapped edge groups compute eq. 1 edge by edge: outputs, statistics, gradients.
+
+  One cell over all 14 DARTS edges with one op of each kind (`none`, a pool,
+  `skip_connect`, which is a FactorizedReduce on a strided edge, and a sep_conv,
+  whose second depthwise convolution sees per-edge inputs and takes the
+  shifted sum on CPU). Reference: the same cell with one MixedOp per edge
+  (`batch_edges=False`), each edge's variables sliced out of the stacked ones.
+  """
+  space = spaces.SearchSpace("test", ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"),
+                             spaces.get_space("darts").edges, per_cell=False, discretize="top2",
+                             default_layers=3)
+  cell = functools.partial(supernet.SearchCell, space, 4, reduction, reduction_prev, True,
+                           "softplus")
+  grouped, per_edge = cell(batch_edges=True), cell(batch_edges=False)
+  k0, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
+  s0 = jax.random.normal(k0, (3, 8 if reduction_prev else 4, 8 if reduction_prev else 4, 6),
+                         jnp.float64)
+  s1 = jax.random.normal(k1, (3, 4, 4, 5), jnp.float64)
+  w_ExO = jax.nn.softmax(jax.random.normal(k2, (space.num_edges, space.num_ops), jnp.float64))
+  variables = jax.tree.map(lambda a: a.astype(jnp.float64),
+                           ops.init_variables(grouped, 0, s0, s1, w_ExO))
+
+  def unstack(tree):  # {"stacked_from<src>": leaves E x ...} -> {"edge<e>": leaves ...}
+    out = {}
+    for name, sub in tree.items():
+      if not name.startswith(ops.STACKED_PREFIX):
+        out[name] = unstack(sub) if isinstance(sub, dict) else sub
+        continue
+      src = int(name.removeprefix(ops.STACKED_PREFIX + "from"))
+      group = [e for e, (s, _) in enumerate(space.edges) if s == src]
+      for k, e in enumerate(group):
+        out[f"edge{e}"] = jax.tree.map(lambda a, k=k: a[k], sub)
+    return out
+
+  ref_vars = unstack(variables)
+  assert jax.tree.structure(ref_vars) == jax.tree.structure(
+      jax.eval_shape(per_edge.init, jax.random.PRNGKey(0), s0, s1, w_ExO))
+
+  def outputs(model, v, p, w, s1):
+    out, upd = model.apply({**v, "params": p}, s0, s1, w, mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(out)), (out, upd)
+
+  got = jax.value_and_grad(functools.partial(outputs, grouped, variables), (0, 1, 2),
+                           has_aux=True)(variables["params"], w_ExO, s1)
+  ref = jax.value_and_grad(functools.partial(outputs, per_edge, ref_vars), (0, 1, 2),
+                           has_aux=True)(ref_vars["params"], w_ExO, s1)
+  (_, (out_g, upd_g)), (gp_g, gw_g, gs_g) = got
+  (_, (out_r, upd_r)), (gp_r, gw_r, gs_r) = ref
+  assert out_g.shape == (3, 2 if reduction else 4, 2 if reduction else 4, 4 * 4)
+  for a, b in ((out_g, out_r), (unstack(upd_g), upd_r), (unstack(gp_g), gp_r), (gw_g, gw_r),
+               (gs_g, gs_r)):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
+  assert float(jnp.min(jnp.abs(gw_r[:, 1:]))) > 0  # every op on every edge matters
+
+
 def test_host_init_follows_the_declared_initializers():
   """ops.init_variables draws what module.init would: same tree, constants, bounds."""
   model = supernet.Supernet("s2", C=4, layers=3, num_classes=5)
@@ -166,7 +234,7 @@ def test_host_init_follows_the_declared_initializers():
       if kernel is None:
         kernel_path = name.replace("['bias']", "['kernel']")
         kernel = next(x for p, x in flat_host if jax.tree_util.keystr(p) == kernel_path)
-      shape = kernel.shape
+      shape = kernel.shape[1:] if ops.STACKED_PREFIX in name else kernel.shape
       fan_in = shape[0] * shape[1] if len(shape) == 3 else int(np.prod(shape[:-1]))
       bound = 1.0 / np.sqrt(fan_in)
       for values in (h, r):

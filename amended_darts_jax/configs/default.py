@@ -31,6 +31,7 @@ def get_config():
   c.activation = "relu"  # relu | softplus | gelu | tanh (smooth: exact-vs-fd studies)
   c.depthwise_impl = "auto"  # auto | conv | shift | dense
   c.remat = False  # rematerialize per cell (less memory, more time)
+  c.batch_edges = True  # the edges leaving a state as one vmapped op (faster; False: per edge)
 
   # The architecture gradient.
   c.method = "amended"  # first_order | darts | amended | implicit
