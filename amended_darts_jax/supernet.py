@@ -105,8 +105,11 @@ class SearchCell(nn.Module):
               MixedOp(self.space.ops, c, stride, train, self.act, self.depthwise_impl,
                       name=f"edge{e}")(states[src], weights_ExO[e]))
         return
+      # A group of one edge has no per-edge inputs to speak of (vmap of size 1
+      # batches the dense depthwise form into a plain convolution).
       y_ENHWC = EdgeGroup(self.space.ops, c, stride, train, self.act, self.depthwise_impl,
-                          edge_batched=True, name=f"{ops.STACKED_PREFIX}from{src}")(
+                          edge_batched=len(group) > 1,
+                          name=f"{ops.STACKED_PREFIX}from{src}")(
                               states[src], weights_ExO[np.asarray(group)])
       for k, e in enumerate(group):
         add(self.space.edges[e][1], y_ENHWC[k])

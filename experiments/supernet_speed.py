@@ -1,11 +1,14 @@
-r"""Compile and step time of one supernet forward+backward, per depthwise formulation.
+r"""Compile time, step time and XLA memory of one supernet forward+backward.
 
 Measures `jax.grad` of the cross-entropy in (omega, alpha) through the supernet
 in train mode, jitted, for each `--impls` formulation of the depthwise
-convolutions, side by side in one run. Defaults: the `darts` space at C=16,
-8 layers, batch 64, 32x32x3 (DARTS' CIFAR-10 search network).
+convolutions and each `--batch_edges` cell layout, compiled in one process and
+timed in interleaved rounds. Defaults: the `darts` space at C=16, 8 layers,
+batch 64, 32x32x3 (DARTS' CIFAR-10 search network).
 
   python experiments/supernet_speed.py [--impls=dense,shift,conv] [--steps=5]
+  python experiments/supernet_speed.py --C=8 --layers=2 --batch=16 --size=16 \
+      --impls=auto,shift,dense --batch_edges=true,false
 
 `dense` (a full convolution with a block-diagonal kernel) is what
 `depthwise_impl="auto"` picks on CPU; `conv` is the grouped convolution
@@ -29,11 +32,14 @@ _BATCH = flags.DEFINE_integer("batch", 64, "Batch size.")
 _SIZE = flags.DEFINE_integer("size", 32, "Image height and width.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
 _IMPLS = flags.DEFINE_list("impls", ["dense", "shift", "conv"], "Depthwise formulations to compare.")
+_BATCH_EDGES = flags.DEFINE_list("batch_edges", ["true"], "Cell layouts: true (edge groups), "
+                                 "false (one op per edge), or both.")
 
 
-def measure(impl):
+def compile_one(impl, batch_edges):
+  """(row, run): the compiled gradient's record and a function that times one call."""
   model = supernet.Supernet(_SPACE.value, C=_C.value, layers=_LAYERS.value, num_classes=10,
-                            depthwise_impl=impl)
+                            depthwise_impl=impl, batch_edges=batch_edges)
   key = jax.random.PRNGKey(0)
   x = jax.random.normal(key, (_BATCH.value, _SIZE.value, _SIZE.value, 3))
   y = jax.random.randint(key, (_BATCH.value,), 0, 10)
@@ -54,25 +60,37 @@ def measure(impl):
   compiled = grad_step.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(_STEPS.value):
+
+  def run():
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return dict(impl=impl, space=_SPACE.value, C=_C.value, layers=_LAYERS.value,
-              batch=_BATCH.value, size=_SIZE.value, compile_s=round(compile_s, 2),
-              median_step_s=round(float(np.median(times)), 4), backend=jax.default_backend())
+    return time.perf_counter() - t0
+
+  temp_mb = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) / 2**20
+  return dict(impl=impl, batch_edges=batch_edges, space=_SPACE.value, C=_C.value,
+              layers=_LAYERS.value, batch=_BATCH.value, size=_SIZE.value,
+              compile_s=round(compile_s, 2), xla_temp_mb=round(temp_mb, 1),
+              backend=jax.default_backend()), run
 
 
 def main(argv):
   del argv
-  rows = []
-  for impl in _IMPLS.value:
-    rows.append(measure(impl))
-    print(json.dumps(rows[-1]), flush=True)
-  base = rows[-1]
-  for row in rows[:-1]:
-    print(f"step time {row['impl']} / {base['impl']} = "
+  variants = []
+  for edges in _BATCH_EDGES.value:
+    for impl in _IMPLS.value:
+      row, run = compile_one(impl, edges == "true")
+      print(json.dumps(row), flush=True)
+      variants.append((row, run, []))
+  for _ in range(_STEPS.value):  # interleaved, so machine noise hits all variants alike
+    for _, run, times in variants:
+      times.append(run())
+  for row, _, times in variants:
+    row["median_step_s"] = round(float(np.median(times)), 4)
+    print(json.dumps(row), flush=True)
+  base = variants[-1][0]
+  for row, _, _ in variants[:-1]:
+    print(f"step time {row['impl']}, batch_edges={row['batch_edges']} / {base['impl']}, "
+          f"batch_edges={base['batch_edges']} = "
           f"{row['median_step_s'] / base['median_step_s']:.3f}")
 
 
