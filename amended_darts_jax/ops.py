@@ -60,23 +60,23 @@ def init_variables(module: nn.Module, seed: int, *args, **kwargs) -> dict[str, A
   rng = np.random.default_rng(seed)
 
   def fill(collection, tree, stacked=False):
+    # Under a stacked module each slice along the first axis is one module's variable.
+    def uniform_fan_in(shape, kernel_shape):  # U(+-1/sqrt(fan_in)) of that kernel
+      bound = 1.0 / np.sqrt(_kernel_fan_in(kernel_shape[1:] if stacked else kernel_shape))
+      return rng.uniform(-bound, bound, shape)
+
     out = {}
     for name, leaf in tree.items():
       if isinstance(leaf, dict):
         out[name] = fill(collection, leaf, stacked or name.startswith(STACKED_PREFIX))
         continue
       shape, dtype = leaf.shape, leaf.dtype
-      # Under a stacked module each slice along the first axis is one module's variable.
-      slice_shape = shape[1:] if stacked else shape
       if collection == "batch_stats":
         value = np.ones(shape) if name == "var" else np.zeros(shape)
       elif name == "kernel":
-        bound = 1.0 / np.sqrt(_kernel_fan_in(slice_shape))
-        value = rng.uniform(-bound, bound, shape)
+        value = uniform_fan_in(shape, shape)
       elif name == "bias" and "kernel" in tree:
-        kernel_shape = tree["kernel"].shape[1:] if stacked else tree["kernel"].shape
-        bound = 1.0 / np.sqrt(_kernel_fan_in(kernel_shape))
-        value = rng.uniform(-bound, bound, shape)
+        value = uniform_fan_in(shape, tree["kernel"].shape)
       elif name == "scale":
         value = np.ones(shape)
       elif name == "bias":

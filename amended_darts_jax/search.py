@@ -113,6 +113,37 @@ def make_optimizers(cfg, steps_per_epoch: int):
   return w_tx, a_tx, lr_fn
 
 
+def remat_ineffective() -> bool:
+  """Whether per-cell rematerialization is known not to save memory here.
+
+  jax 0.10's XLA:CPU schedules the recomputation as early as its inputs allow,
+  so the saved activations live as long as without remat; jax 0.12's does not
+  (BUILD_NOTES.md). 0.11 was not measured; it is counted with 0.10.
+  """
+  major_minor = tuple(int(p) for p in jax.__version__.split(".")[:2])
+  return jax.default_backend() == "cpu" and major_minor < (0, 12)
+
+
+def step_config(cfg, model: supernet.Supernet, steps_per_epoch: int) -> StepConfig:
+  """The static part of the search step for `cfg`, its optimizers included."""
+  w_tx, a_tx, lr_fn = make_optimizers(cfg, steps_per_epoch)
+  return StepConfig(model, cfg.method, cfg.products, cfg.eta, cfg.fd_r,
+                    cfg.weight_decay if cfg.hessian_weight_decay else 0.0, cfg.damping,
+                    cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx, lr_fn)
+
+
+def initial_state(cfg, sc: StepConfig, image_shape) -> SearchState:
+  """Step 0 of a search: omega drawn on the host (ops.init_variables), alpha from the space."""
+  alpha = spaces.get_space(cfg.space).init_alpha(jax.random.PRNGKey(cfg.seed), cfg.layers)
+  sample = jnp.zeros((2, *image_shape), jnp.float32)
+  variables = ops.init_variables(sc.model, cfg.seed, sample, alpha, train=False)
+  return SearchState(
+      step=jnp.array(0, jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], alpha=alpha,
+      w_opt_state=sc.w_tx.init(variables["params"]), a_opt_state=sc.a_tx.init(alpha),
+      rng=jax.random.PRNGKey(cfg.seed + 2), bad_step=jnp.array(-1, jnp.int32))
+
+
 def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -251,6 +282,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t_run = time.perf_counter()
   validate_config(cfg)
   rundir.setup_compilation_cache(cfg.compilation_cache_dir)
+  if cfg.remat and remat_ineffective():
+    logging.warning("config.remat=True does not shrink XLA:CPU's buffer plan under jax %s "
+                    "(measured with 0.10.2; it does under 0.12, BUILD_NOTES.md): the step "
+                    "will take longer for no memory saved", jax.__version__)
   if cfg.distributed:
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   os.makedirs(workdir, exist_ok=True)
@@ -282,18 +317,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # Model, optimizers, state.
   model = make_model(cfg, info.num_classes)
-  w_tx, a_tx, lr_fn = make_optimizers(cfg, steps_per_epoch)
-  sc = StepConfig(model, cfg.method, cfg.products, cfg.eta, cfg.fd_r,
-                  cfg.weight_decay if cfg.hessian_weight_decay else 0.0, cfg.damping,
-                  cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx, lr_fn)
-  sample = jnp.zeros((2, *info.image_shape), jnp.float32)
-  alpha = space.init_alpha(jax.random.PRNGKey(cfg.seed), cfg.layers)
-  variables = ops.init_variables(model, cfg.seed, sample, alpha, train=False)
-  state = SearchState(
-      step=jnp.array(0, jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"], alpha=alpha,
-      w_opt_state=w_tx.init(variables["params"]), a_opt_state=a_tx.init(alpha),
-      rng=jax.random.PRNGKey(cfg.seed + 2), bad_step=jnp.array(-1, jnp.int32))
+  sc = step_config(cfg, model, steps_per_epoch)
+  state = initial_state(cfg, sc, info.image_shape)
   state = parallel.put_replicated(state, mesh)
 
   checkpointer = checkpointing.Checkpointer(workdir)

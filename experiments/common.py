@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amended_darts_jax import ops, search, spaces
+from amended_darts_jax import search
 from amended_darts_jax.configs import default
 
 SIZES = {
@@ -31,18 +31,8 @@ def setup(size_name, *, method="amended", products="exact", remat=False, depthwi
   cfg.space, cfg.init_channels, cfg.layers = size["space"], size["C"], size["layers"]
   cfg.remat, cfg.depthwise_impl, cfg.batch_edges = remat, depthwise_impl, batch_edges
   cfg.method, cfg.products = method, products
-  model = search.make_model(cfg, size["classes"])
-  w_tx, a_tx, lr_fn = search.make_optimizers(cfg, steps_per_epoch=100)
-  sc = search.StepConfig(model, cfg.method, cfg.products, cfg.eta, cfg.fd_r, cfg.weight_decay,
-                         cfg.damping, cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx,
-                         lr_fn)
-  alpha = spaces.get_space(cfg.space).init_alpha(jax.random.PRNGKey(0), cfg.layers)
-  variables = ops.init_variables(model, 0, jnp.zeros((2, *size["image"])), alpha, train=False)
-  state = search.SearchState(
-      step=jnp.array(0, jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"], alpha=alpha,
-      w_opt_state=w_tx.init(variables["params"]), a_opt_state=a_tx.init(alpha),
-      rng=jax.random.PRNGKey(1), bad_step=jnp.array(-1, jnp.int32))
+  sc = search.step_config(cfg, search.make_model(cfg, size["classes"]), steps_per_epoch=100)
+  state = search.initial_state(cfg, sc, size["image"])
   rng = np.random.default_rng(0)
 
   def make_batch():
@@ -69,27 +59,18 @@ def digits_trajectory(cfg, checkpoints, method="first_order"):
   make = lambda idx, seed: input_pipeline.Batches(input_pipeline.Subset(splits["train"], idx),
                                                   info, cfg.batch_size, seed, None)
   train_b, val_b = make(tr, cfg.seed), make(va, cfg.seed + 1)
-  model = search.make_model(cfg, info.num_classes)
   steps_per_epoch = min(train_b.steps_per_epoch, val_b.steps_per_epoch)
-  w_tx, a_tx, lr_fn = search.make_optimizers(cfg, steps_per_epoch)
-  sc = search.StepConfig(model, method, "exact", cfg.eta, cfg.fd_r, cfg.weight_decay,
-                         cfg.damping, cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx,
-                         lr_fn)
-  alpha = spaces.get_space(cfg.space).init_alpha(jax.random.PRNGKey(cfg.seed), cfg.layers)
-  variables = ops.init_variables(model, cfg.seed, jnp.zeros((2, *info.image_shape)), alpha,
-                                 train=False)
-  state = search.SearchState(
-      step=jnp.array(0, jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"], alpha=alpha,
-      w_opt_state=w_tx.init(variables["params"]), a_opt_state=a_tx.init(alpha),
-      rng=jax.random.PRNGKey(cfg.seed + 2), bad_step=jnp.array(-1, jnp.int32))
+  cfg = cfg.copy_and_resolve_references()
+  cfg.method, cfg.products = method, "exact"
+  sc = search.step_config(cfg, search.make_model(cfg, info.num_classes), steps_per_epoch)
+  state = search.initial_state(cfg, sc, info.image_shape)
   step_fn = jax.jit(functools.partial(search.search_step, sc))
   done = 0
   for target in sorted(checkpoints):
     while done < target:
       state, _ = step_fn(state, train_b.batch(done), val_b.batch(done))
       done += 1
-    yield done, state, train_b.batch(done), val_b.batch(done), float(lr_fn(done))
+    yield done, state, train_b.batch(done), val_b.batch(done), float(sc.lr_fn(done))
 
 
 def counterexample():

@@ -21,11 +21,19 @@ forward+backward (`grad_w`). Parts:
   amended_fd      the amended term by central differences, plus dLt/dw
   step_first_order, step_amended_exact, step_amended_fd: whole search steps
 
+With `--batch_edges=true,false` every part is built for both cell layouts
+(edge groups, one op per edge; `supernet.py`), with `--remat=false,true` with
+and without per-cell rematerialization, and all are timed in the same
+interleaved rounds, named e.g. `part@grouped` and `part@per_edge` or
+`part@remat`; the unit is then the `grad_w` of the same variant. The table
+also gives XLA's temporary buffers of each part (`memory_analysis()`).
+
 Writes `profile.jsonl` and `profile.md` under `--out`.
 """
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import random
@@ -44,6 +52,11 @@ _SIZE = flags.DEFINE_enum("size", "tiny", list(common.SIZES), "Named network and
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Timed rounds (median reported).")
 _PARTS = flags.DEFINE_list("parts", [], "Parts to time (default: all).")
 _DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | shift | dense.")
+_BATCH_EDGES = flags.DEFINE_list("batch_edges", ["true"], "Cell layouts: true (edge groups), "
+                                 "false (one op per edge) or both.")
+_REMAT = flags.DEFINE_list("remat", ["false"], "Rematerialize per cell: false, true or both.")
+_SPACE = flags.DEFINE_string("space", "", "Override the size's space.")
+_LAYERS = flags.DEFINE_integer("layers", 0, "Override the size's number of cells (0: keep).")
 _OUT = flags.DEFINE_string("out", "runs/profile", "Output directory.")
 
 
@@ -62,10 +75,9 @@ def _parts(sc, cfg):
   def v_of(w, a, val):
     return jax.grad(plain)(w, a, val)
 
-  def two_jvps(w, a, t, val):  # what the library does (hypergrad._amended)
-    g2, g_w, _ = hg._amended(plain, w, a, t, v_of(w, a, val), eta=eta, weight_decay=wd,
-                             products="exact", r=r, has_aux=False)
-    return g_w, g2
+  def two_jvps(w, a, t, val):  # what the library does (hypergrad.arch_gradient, amended)
+    g_w, u, _ = hg.grad_and_hvp(plain, w, a, t, v_of(w, a, val), weight_decay=wd)
+    return g_w, hg.tree_scale(-eta, hg.mixed_vp(plain, w, a, t, u))
 
   def linearized(w, a, t, val):  # the alternative: one linearization, two tangent maps
     grad_wa = lambda w_: jax.grad(plain, (0, 1))(w_, a, t)
@@ -96,24 +108,42 @@ def _parts(sc, cfg):
 def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
-  size, cfg, sc, state, make_batch = common.setup(_SIZE.value, depthwise_impl=_DEPTHWISE.value)
-  train_b, val_b = make_batch(), make_batch()
-  parts = _parts(sc, cfg)
-  for method, products in (("first_order", "exact"), ("amended", "exact"), ("amended", "fd")):
-    step_sc = dataclasses.replace(sc, method=method, products=products)
-    parts[f"step_{method}_{products}" if method == "amended" else f"step_{method}"] = (
-        lambda s, t, v, step_sc=step_sc: search.search_step(step_sc, s, t, v))
-  chosen = _PARTS.value or list(parts)
-  unknown = [p for p in chosen if p not in parts]
+  names = {("batch_edges", "true"): "grouped", ("batch_edges", "false"): "per_edge",
+           ("remat", "true"): "remat", ("remat", "false"): "no_remat"}
+  for flag, values in (("batch_edges", _BATCH_EDGES.value), ("remat", _REMAT.value)):
+    if not values or any((flag, v) not in names for v in values):
+      sys.exit(f"error: --{flag} takes true and/or false, got {values}")
+  parts, inputs, unit_of = {}, {}, {}
+  for edges, remat in itertools.product(_BATCH_EDGES.value, _REMAT.value):
+    size, cfg, sc, state, make_batch = common.setup(
+        _SIZE.value, depthwise_impl=_DEPTHWISE.value, space=_SPACE.value, layers=_LAYERS.value,
+        batch_edges=edges == "true", remat=remat == "true")
+    train_b, val_b = make_batch(), make_batch()
+    these = _parts(sc, cfg)
+    for method, products in (("first_order", "exact"), ("amended", "exact"), ("amended", "fd")):
+      step_sc = dataclasses.replace(sc, method=method, products=products)
+      these[f"step_{method}_{products}" if method == "amended" else f"step_{method}"] = (
+          lambda s, t, v, step_sc=step_sc: search.search_step(step_sc, s, t, v))
+    suffix = "".join(f"@{names[flag, v]}" for flag, v, values in (
+        ("batch_edges", edges, _BATCH_EDGES.value), ("remat", remat, _REMAT.value))
+                     if len(values) > 1)
+    for name, fn in these.items():
+      if not _PARTS.value or name in _PARTS.value:
+        parts[name + suffix] = fn
+        inputs[name + suffix] = (state, train_b, val_b)
+        unit_of[name + suffix] = "grad_w" + suffix
+  unknown = [p for p in _PARTS.value if p not in these]
   if unknown:
-    sys.exit(f"error: unknown parts {unknown}; known: {', '.join(parts)}")
+    sys.exit(f"error: unknown parts {unknown}; known: {', '.join(these)}")
+  chosen = list(parts)
 
-  compiled, compile_s = {}, {}
+  compiled, compile_s, temp_mb = {}, {}, {}
   for name in chosen:
     t0 = time.perf_counter()
-    compiled[name] = jax.jit(parts[name]).lower(state, train_b, val_b).compile()
+    compiled[name] = jax.jit(parts[name]).lower(*inputs[name]).compile()
     compile_s[name] = time.perf_counter() - t0
-    jax.block_until_ready(compiled[name](state, train_b, val_b))  # warm-up
+    temp_mb[name] = getattr(compiled[name].memory_analysis(), "temp_size_in_bytes", 0) / 2**20
+    jax.block_until_ready(compiled[name](*inputs[name]))  # warm-up
     print(f"compiled {name} in {compile_s[name]:.1f} s", flush=True)
   times = {name: [] for name in chosen}
   order = list(chosen)
@@ -122,24 +152,26 @@ def main(argv):
     shuffle(order)  # no part always follows the same one
     for name in order:
       t0 = time.perf_counter()
-      jax.block_until_ready(compiled[name](state, train_b, val_b))
+      jax.block_until_ready(compiled[name](*inputs[name]))
       times[name].append(time.perf_counter() - t0)
-  unit = statistics.median(times["grad_w"]) if "grad_w" in times else None
   rows = []
   for name in chosen:
     med = statistics.median(times[name])
+    unit = statistics.median(times[unit_of[name]]) if unit_of[name] in times else None
     rows.append(dict(size=_SIZE.value, part=name, median_ms=round(1e3 * med, 3),
                      per_grad_w=round(med / unit, 3) if unit else None,
-                     compile_s=round(compile_s[name], 2), rounds=_ROUNDS.value,
+                     compile_s=round(compile_s[name], 2), xla_temp_mb=round(temp_mb[name], 1),
+                     rounds=_ROUNDS.value,
                      device=jax.devices()[0].device_kind))
   with open(os.path.join(_OUT.value, "profile.jsonl"), "w") as f:
     for row in rows:
       f.write(json.dumps(row) + "\n")
   lines = [f"size `{_SIZE.value}`, command: `python experiments/profile_step.py "
            f"{' '.join(sys.argv[1:])}`", "",
-           "| part | median ms | / grad_w | compile s |", "| --- | --- | --- | --- |"]
-  lines += [f"| {r['part']} | {r['median_ms']} | {r['per_grad_w']} | {r['compile_s']} |"
-            for r in rows]
+           "| part | median ms | / grad_w | compile s | XLA temp MB |",
+           "| --- | --- | --- | --- | --- |"]
+  lines += [f"| {r['part']} | {r['median_ms']} | {r['per_grad_w']} | {r['compile_s']} | "
+            f"{r['xla_temp_mb']} |" for r in rows]
   table = "\n".join(lines)
   with open(os.path.join(_OUT.value, "profile.md"), "w") as f:
     f.write(table + "\n")

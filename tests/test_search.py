@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from amended_darts_jax import ops, parallel, search, spaces
+from amended_darts_jax import parallel, search, spaces
 from amended_darts_jax.configs import default
 from amended_darts_jax.errors import ConfigError, NonFiniteError
 
@@ -38,16 +38,8 @@ def tiny_config(**overrides):
 
 def _state_and_batches(cfg, num_classes=10, image_shape=(8, 8, 1)):
   model = search.make_model(cfg, num_classes)
-  w_tx, a_tx, lr_fn = search.make_optimizers(cfg, steps_per_epoch=10)
-  sc = search.StepConfig(model, cfg.method, cfg.products, cfg.eta, cfg.fd_r, cfg.weight_decay,
-                         cfg.damping, cfg.cg_maxiter, cfg.cg_tol, cfg.momentum, w_tx, a_tx, lr_fn)
-  space = spaces.get_space(cfg.space)
-  alpha = space.init_alpha(jax.random.PRNGKey(0), cfg.layers)
-  x = jnp.zeros((2, *image_shape))
-  v = ops.init_variables(model, 0, x, alpha, train=False)
-  state = search.SearchState(jnp.array(0, jnp.int32), v["params"], v["batch_stats"], alpha,
-                             w_tx.init(v["params"]), a_tx.init(alpha), jax.random.PRNGKey(1),
-                             jnp.array(-1, jnp.int32))
+  sc = search.step_config(cfg, model, steps_per_epoch=10)
+  state = search.initial_state(cfg, sc, image_shape)
   keys = jax.random.split(jax.random.PRNGKey(5), 4)
   batch = lambda k1, k2: {"image": jax.random.normal(k1, (cfg.batch_size, *image_shape)),
                           "label": jax.random.randint(k2, (cfg.batch_size,), 0, num_classes)}
