@@ -31,6 +31,7 @@ import time
 
 from absl import app, flags
 
+import common
 from common import SIZES
 
 METHODS = ("weight_only", "first_order", "darts/exact", "darts/fd", "amended/exact",
@@ -88,7 +89,6 @@ def measure_one(spec: str) -> dict:
   import numpy as np
   import optax
 
-  import common
   from amended_darts_jax import search
 
   method_products, remat, batch_edges = spec.split("@")
@@ -186,6 +186,8 @@ def main(argv):
   for spec in _METHODS.value:
     if spec not in METHODS and spec not in ("implicit", "implicit/exact", "amended", "darts"):
       sys.exit(f"error: unknown method {spec!r}; known: {', '.join(METHODS)}, implicit")
+  common.switches("remat", _REMAT.value)  # exits on anything but true/false
+  common.switches("batch_edges", _BATCH_EDGES.value)
   os.makedirs(_OUT.value, exist_ok=True)
   rows = []
   passthrough = [a for a in sys.argv[1:]

@@ -3,6 +3,8 @@
 Batches are random and in memory, so nothing here needs tensorflow-datasets.
 """
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,15 @@ SIZES = {
     "darts_search": dict(space="darts", C=16, layers=8, batch=64, image=(32, 32, 3), classes=10),
     "s2_search": dict(space="s2", C=16, layers=20, batch=64, image=(32, 32, 3), classes=10),
 }
+
+
+def switches(flag: str, values: list[str]) -> list[bool]:
+  """A list flag of booleans (`--remat=false,true`) as bools; anything else exits with
+  one sentence."""
+  known = {"true": True, "false": False}
+  if not values or any(v not in known for v in values):
+    sys.exit(f"error: --{flag} takes true and/or false, got {','.join(values) or 'nothing'}")
+  return [known[v] for v in values]
 
 
 def setup(size_name, *, method="amended", products="exact", remat=False, depthwise_impl="auto",

@@ -108,25 +108,21 @@ def _parts(sc, cfg):
 def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
-  names = {("batch_edges", "true"): "grouped", ("batch_edges", "false"): "per_edge",
-           ("remat", "true"): "remat", ("remat", "false"): "no_remat"}
-  for flag, values in (("batch_edges", _BATCH_EDGES.value), ("remat", _REMAT.value)):
-    if not values or any((flag, v) not in names for v in values):
-      sys.exit(f"error: --{flag} takes true and/or false, got {values}")
+  layouts = common.switches("batch_edges", _BATCH_EDGES.value)
+  remats = common.switches("remat", _REMAT.value)
   parts, inputs, unit_of = {}, {}, {}
-  for edges, remat in itertools.product(_BATCH_EDGES.value, _REMAT.value):
+  for edges, remat in itertools.product(layouts, remats):
     size, cfg, sc, state, make_batch = common.setup(
         _SIZE.value, depthwise_impl=_DEPTHWISE.value, space=_SPACE.value, layers=_LAYERS.value,
-        batch_edges=edges == "true", remat=remat == "true")
+        batch_edges=edges, remat=remat)
     train_b, val_b = make_batch(), make_batch()
     these = _parts(sc, cfg)
     for method, products in (("first_order", "exact"), ("amended", "exact"), ("amended", "fd")):
       step_sc = dataclasses.replace(sc, method=method, products=products)
       these[f"step_{method}_{products}" if method == "amended" else f"step_{method}"] = (
           lambda s, t, v, step_sc=step_sc: search.search_step(step_sc, s, t, v))
-    suffix = "".join(f"@{names[flag, v]}" for flag, v, values in (
-        ("batch_edges", edges, _BATCH_EDGES.value), ("remat", remat, _REMAT.value))
-                     if len(values) > 1)
+    suffix = ((f"@{'grouped' if edges else 'per_edge'}" if len(layouts) > 1 else "")
+              + (f"@{'remat' if remat else 'no_remat'}" if len(remats) > 1 else ""))
     for name, fn in these.items():
       if not _PARTS.value or name in _PARTS.value:
         parts[name + suffix] = fn

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import optax
 
+import common
 from amended_darts_jax import ops, supernet
 
 _SPACE = flags.DEFINE_string("space", "darts", "Search space.")
@@ -76,9 +77,9 @@ def compile_one(impl, batch_edges):
 def main(argv):
   del argv
   variants = []
-  for edges in _BATCH_EDGES.value:
+  for edges in common.switches("batch_edges", _BATCH_EDGES.value):
     for impl in _IMPLS.value:
-      row, run = compile_one(impl, edges == "true")
+      row, run = compile_one(impl, edges)
       print(json.dumps(row), flush=True)
       variants.append((row, run, []))
   for _ in range(_STEPS.value):  # interleaved, so machine noise hits all variants alike
