@@ -9,8 +9,8 @@ dynamics match.
 Depthwise convolutions have three formulations with the same parameters: XLA's
 grouped convolution (`feature_group_count=C`), fast on GPU/TPU but 10-80x slow
 on XLA:CPU; a sum of k*k shifted multiplies; and a full convolution with a
-diagonal kernel. `depthwise_impl="auto"` picks by backend and kernel size at
-trace time (`resolve_depthwise_impl`).
+diagonal kernel. `depthwise_impl="auto"` picks by backend, channels, kernel
+extent and map size at trace time (`resolve_depthwise_impl`).
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ DENSE_MAX_CHANNELS = 32
 
 
 def resolve_depthwise_impl(impl: str, kernel_size: int, channels: int = 0,
-                           shared_input: bool = True) -> str:
+                           shared_input: bool = True, dilation: int = 1,
+                           size: int = 0) -> str:
   """The formulation `impl` means for a k x k kernel over `channels` on this backend.
 
   "auto" keeps XLA's grouped convolution on GPU/TPU. On CPU it takes the dense
@@ -122,15 +123,20 @@ def resolve_depthwise_impl(impl: str, kernel_size: int, channels: int = 0,
   input is batched as well (`shared_input=False`) the dense form batches into a
   grouped convolution, slow on CPU, so "auto" takes the shifted sum there; with a
   shared input it batches into one convolution with more output channels.
+  Where the kernel's extent, dilation * (k - 1) + 1, reaches the smaller side
+  `size` of the input map (a 5x5 kernel on a 4x4 map, a dilated 5x5 on 8x8), XLA:CPU
+  runs the dense convolution and its gradients off its fast library path, so
+  "auto" takes the shifted sum there too (`size` 0: unknown, not checked).
   BUILD_NOTES.md has the measurements.
   """
   if impl not in DEPTHWISE_IMPLS:
     raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
-  del kernel_size  # every size takes the same formulation at present
   if impl == "auto":
     if jax.default_backend() != "cpu":
       return "conv"
-    return "dense" if shared_input and channels <= DENSE_MAX_CHANNELS else "shift"
+    covers_map = bool(size) and dilation * (kernel_size - 1) + 1 >= size
+    dense = shared_input and channels <= DENSE_MAX_CHANNELS and not covers_map
+    return "dense" if dense else "shift"
   return impl
 
 
@@ -194,7 +200,8 @@ class DepthwiseConv(nn.Module):
                         (k, k, x.shape[-1]))
     fn = {"shift": depthwise_conv_shift, "conv": depthwise_conv_grouped,
           "dense": depthwise_conv_dense}[
-              resolve_depthwise_impl(self.impl, k, x.shape[-1], self.shared_input)]
+              resolve_depthwise_impl(self.impl, k, x.shape[-1], self.shared_input,
+                                     self.dilation, min(x.shape[-3:-1]))]
     return fn(x, kernel.astype(x.dtype), self.stride, self.padding, self.dilation)
 
 

@@ -6,7 +6,8 @@ r"""Speed, compile time and memory of one search step per method, side by side.
 
 Sizes: `tiny` (s2 space, 2 cells, C=8, batch 16, 16x16x3), `darts_search` (darts
 space, C=16, 8 cells, batch 64, 32x32x3, 10 classes: DARTS' CIFAR-10 search) and
-`s2_search` (s2 space, 20 cells, C=16, batch 64, 32x32x3). For each method
+`s2_search` (s2 space, 20 cells, C=16, batch 64, 32x32x3); `tiny_darts` and
+`darts_5` are the two sizes of the PyTorch comparison (`pytorch_darts.py`). For each method
 (`weight_only` is the weight step alone; the others are the full search step of
 `amended_darts_jax.search`) it measures the compile time, the median step time
 over `--steps` steps after `--warmup` warm-up steps, and the peak memory: device
@@ -87,9 +88,6 @@ def measure_one(spec: str) -> dict:
   """Compiles and times one step in this process; returns one result row."""
   import jax
   import numpy as np
-  import optax
-
-  from amended_darts_jax import search
 
   method_products, remat, batch_edges = spec.split("@")
   method, _, products = method_products.partition("/")
@@ -99,21 +97,7 @@ def measure_one(spec: str) -> dict:
       products=products, remat=remat == "true", depthwise_impl=_DEPTHWISE.value,
       batch=_BATCH.value, space=_SPACE.value, layers=_LAYERS.value,
       batch_edges=batch_edges == "true")
-  model, w_tx = sc.model, sc.w_tx
-
-  if method == "weight_only":
-    def step(state, train_batch, val_batch):
-      del val_batch
-      train = {**train_batch, "batch_stats": state.batch_stats}
-      (loss, (_, stats)), grad = jax.value_and_grad(
-          lambda p: search.supernet_loss(model, p, state.alpha, train), has_aux=True)(
-              state.params)
-      updates, w_opt_state = w_tx.update(grad, state.w_opt_state, state.params)
-      return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats,
-                           w_opt_state=w_opt_state, step=state.step + 1), {"train_loss": loss}
-  else:
-    def step(state, train_batch, val_batch):
-      return search.search_step(sc, state, train_batch, val_batch)
+  step = common.step_fn(sc, method)
 
   train_batch, val_batch = batch(), batch()
   rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from amended_darts_jax import search
 from amended_darts_jax.configs import default
@@ -16,6 +17,9 @@ SIZES = {
     "tiny": dict(space="s2", C=8, layers=2, batch=16, image=(16, 16, 3), classes=10),
     "darts_search": dict(space="darts", C=16, layers=8, batch=64, image=(32, 32, 3), classes=10),
     "s2_search": dict(space="s2", C=16, layers=20, batch=64, image=(32, 32, 3), classes=10),
+    # The two sizes of the PyTorch DARTS comparison (experiments/pytorch_darts.py).
+    "tiny_darts": dict(space="darts", C=8, layers=2, batch=16, image=(16, 16, 3), classes=10),
+    "darts_5": dict(space="darts", C=16, layers=5, batch=32, image=(32, 32, 3), classes=10),
 }
 
 
@@ -51,6 +55,27 @@ def setup(size_name, *, method="amended", products="exact", remat=False, depthwi
             "label": jnp.asarray(rng.integers(0, size["classes"], size["batch"]), jnp.int32)}
 
   return size, cfg, sc, state, make_batch
+
+
+def step_fn(sc, method):
+  """The step `benchmark.py` times for `method`, as a function (state, train, val) ->
+  (state, metrics) to jit: `weight_only` is the weight step alone (SGD on the
+  training gradient), any other method the full `search.search_step`."""
+  if method != "weight_only":
+    return lambda state, train_batch, val_batch: search.search_step(sc, state, train_batch,
+                                                                    val_batch)
+
+  def step(state, train_batch, val_batch):
+    del val_batch
+    train = {**train_batch, "batch_stats": state.batch_stats}
+    (loss, (_, stats)), grad = jax.value_and_grad(
+        lambda p: search.supernet_loss(sc.model, p, state.alpha, train), has_aux=True)(
+            state.params)
+    updates, w_opt_state = sc.w_tx.update(grad, state.w_opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats,
+                         w_opt_state=w_opt_state, step=state.step + 1), {"train_loss": loss}
+
+  return step
 
 
 def digits_trajectory(cfg, checkpoints, method="first_order"):

@@ -41,6 +41,12 @@ def test_depthwise_impl_resolution():
     assert ops.resolve_depthwise_impl("auto", 5, ops.DENSE_MAX_CHANNELS + 1) == "shift"
     # Batched kernels over a batched input: the dense form would become a grouped conv.
     assert ops.resolve_depthwise_impl("auto", 3, 16, shared_input=False) == "shift"
+    # A kernel whose extent reaches the map's side: the dense form leaves XLA:CPU's
+    # fast path, so the shifted sum.
+    assert ops.resolve_depthwise_impl("auto", 5, 16, size=8) == "dense"
+    assert ops.resolve_depthwise_impl("auto", 5, 16, size=5) == "shift"
+    assert ops.resolve_depthwise_impl("auto", 5, 16, dilation=2, size=8) == "shift"
+    assert ops.resolve_depthwise_impl("auto", 3, 16, dilation=2, size=8) == "dense"
   with pytest.raises(ValueError, match="depthwise_impl must be one of"):
     ops.resolve_depthwise_impl("winograd", 3)
 
