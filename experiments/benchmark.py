@@ -184,7 +184,9 @@ def main(argv):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-      tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+      lines = [l for l in proc.stderr.strip().splitlines() if l.strip("* ")]
+      tail = (f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
+              else (lines or ["no output"])[-1])
       row = dict(size=_SIZE.value, method=spec, remat=remat == "true",
                  batch_edges=edges == "true", error=tail)
       print(json.dumps(row), flush=True)
