@@ -90,14 +90,10 @@ def measure_one(spec: str) -> dict:
   import numpy as np
 
   method_products, remat, batch_edges = spec.split("@")
-  method, _, products = method_products.partition("/")
-  products = products or "exact"
-  size, cfg, sc, state, batch = common.setup(
-      _SIZE.value, method="first_order" if method == "weight_only" else method,
-      products=products, remat=remat == "true", depthwise_impl=_DEPTHWISE.value,
+  method, products, size, cfg, state, batch, step = common.setup_step(
+      _SIZE.value, method_products, remat=remat == "true", depthwise_impl=_DEPTHWISE.value,
       batch=_BATCH.value, space=_SPACE.value, layers=_LAYERS.value,
       batch_edges=batch_edges == "true")
-  step = common.step_fn(sc, method)
 
   train_batch, val_batch = batch(), batch()
   rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -184,9 +180,9 @@ def main(argv):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-      lines = [l for l in proc.stderr.strip().splitlines() if l.strip("* ")]
+      err_lines = [l for l in proc.stderr.strip().splitlines() if l.strip("* ")]
       tail = (f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
-              else (lines or ["no output"])[-1])
+              else (err_lines or ["no output"])[-1])
       row = dict(size=_SIZE.value, method=spec, remat=remat == "true",
                  batch_edges=edges == "true", error=tail)
       print(json.dumps(row), flush=True)

@@ -78,6 +78,18 @@ def step_fn(sc, method):
   return step
 
 
+def setup_step(size_name, spec, **overrides):
+  """`setup` plus the step to time for `spec`, "method" or "method/products"
+  (products default to exact; `weight_only` is set up as first_order):
+  (method, products, size, cfg, state, make_batch, step)."""
+  method, _, products = spec.partition("/")
+  products = products or "exact"
+  size, cfg, sc, state, make_batch = setup(
+      size_name, method="first_order" if method == "weight_only" else method,
+      products=products, **overrides)
+  return method, products, size, cfg, state, make_batch, step_fn(sc, method)
+
+
 def digits_trajectory(cfg, checkpoints, method="first_order"):
   """Search states along a search on the embedded digits, without augmentation.
 

@@ -141,27 +141,22 @@ def main(argv):
   del argv
   import jax
 
-  method, _, products = _METHOD.value.partition("/")
-  size, cfg, sc, state, batch = common.setup(
-      _SIZE.value, method="first_order" if method == "weight_only" else method,
-      products=products or "exact", depthwise_impl=_DEPTHWISE.value, batch=_BATCH.value,
+  *_, size, _, state, batch, step_fn = common.setup_step(
+      _SIZE.value, _METHOD.value, depthwise_impl=_DEPTHWISE.value, batch=_BATCH.value,
       space=_SPACE.value, layers=_LAYERS.value, batch_edges=_BATCH_EDGES.value)
   train_batch, val_batch = batch(), batch()
   t0 = time.perf_counter()
-  compiled = jax.jit(common.step_fn(sc, method), donate_argnums=0).lower(
-      state, train_batch, val_batch).compile()
+  compiled = jax.jit(step_fn, donate_argnums=0).lower(state, train_batch, val_batch).compile()
   compile_s = time.perf_counter() - t0
   index = hlo_index(compiled.as_text())
-  for _ in range(2):
-    state, _ = compiled(state, train_batch, val_batch)
-  jax.block_until_ready(state)
-
   box = {"state": state}
 
   def step():
     box["state"], _ = compiled(box["state"], train_batch, val_batch)
     jax.block_until_ready(box["state"])
 
+  for _ in range(2):  # warm-up, outside the trace
+    step()
   per_kernel, walls = kernel_times(step, index, _STEPS.value)
   if not per_kernel:
     sys.exit("error: the trace holds no kernel events of the step; this jax cannot profile "

@@ -1,4 +1,4 @@
-r"""Our search steps against the PyTorch DARTS code, side by side in one process.
+r"""Our search steps against the PyTorch DARTS code, side by side in one run.
 
   pip install torch==2.13.0        # not a dependency of the project
   python experiments/pytorch_darts.py --darts_dir=/path/to/darts/cnn --size=tiny_darts
@@ -12,8 +12,9 @@ the CPU as it is, and below three cells (where every cell reduces and
 `alphas_normal` goes unused) `torch.autograd.grad` returns zeros for unused
 inputs instead of failing.
 
-Timed, on the same random batches, one step at a time and interleaved round by
-round, so that both frameworks see the same machine load:
+Timed one step at a time, each framework in its own worker process (in one
+process each slowed the other), the two taking turns round by round so that
+both see the same machine load:
 - PyTorch, DARTS' own steps: `weight` (train_search.py's weight step: forward,
   backward, clip the gradient norm at 5, SGD with momentum), `first_order` and
   `second_order` (`Architect.step` with `unrolled` false / true), and
@@ -163,14 +164,10 @@ def _jax_timers() -> tuple[dict, dict, int]:
 
   timers, rows, params = {}, {}, 0
   for spec in _METHODS.value:
-    method, _, products = spec.partition("/")
-    _, _, sc, state, batch = common.setup(
-        _SIZE.value, method="first_order" if method == "weight_only" else method,
-        products=products or "exact")
+    *_, state, batch, step = common.setup_step(_SIZE.value, spec)
     train_batch, val_batch = batch(), batch()
     t0 = time.perf_counter()
-    compiled = jax.jit(common.step_fn(sc, method), donate_argnums=0).lower(
-        state, train_batch, val_batch).compile()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, train_batch, val_batch).compile()
     rows[f"jax {spec}"] = {"compile_s": round(time.perf_counter() - t0, 1)}
     params = int(sum(x.size for x in jax.tree.leaves(state.params)))
     box = {"state": state}
