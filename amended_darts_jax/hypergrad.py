@@ -152,7 +152,7 @@ def mixed_vp(loss_fn, omega, alpha, batch, u, *, has_aux=False):
   which equals the alpha-gradient of <dL/domega, u> by symmetry of second
   derivatives. The inner gradient is taken in (omega, alpha) and the omega part
   dropped (XLA removes its dead code): a `jax.custom_vjp` operation that does not
-  depend on alpha (the shifted-sum depthwise convolution of `ops`) must still be
+  depend on alpha (the depthwise convolutions of `ops` and `cpu_kernels`) must still be
   inside a reverse pass for the outer `jvp` in omega to see through it.
   """
   _, (_, mu), _ = jax.jvp(_grad(loss_fn, alpha, batch, has_aux, (0, 1)), (omega,), (u,),

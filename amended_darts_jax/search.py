@@ -79,6 +79,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                          ("dataset", input_pipeline.DATASETS)):
     if cfg[field] not in allowed:
       raise ConfigError(f"config.{field}={cfg[field]!r} is not one of {', '.join(allowed)}")
+  ops.resolve_depthwise_impl(cfg.depthwise_impl, 3)  # "kernel" where it cannot run
   if cfg.batch_size <= 0 or cfg.epochs <= 0 or cfg.layers < 1 or cfg.init_channels < 1:
     raise ConfigError("batch_size, epochs, layers and init_channels must be positive")
   if cfg.init_channels % 2:

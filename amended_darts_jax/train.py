@@ -161,6 +161,7 @@ def validate_config(cfg) -> None:
   if cfg.depthwise_impl not in ops.DEPTHWISE_IMPLS:
     raise ConfigError(f"config.depthwise_impl={cfg.depthwise_impl!r} is not one of "
                       f"{', '.join(ops.DEPTHWISE_IMPLS)}")
+  ops.resolve_depthwise_impl(cfg.depthwise_impl, 3)  # "kernel" where it cannot run
   for field in ("epochs", "batch_size", "init_channels", "layers", "log_every",
                 "checkpoint_every"):
     if cfg[field] <= 0:

@@ -33,6 +33,7 @@ import time
 from absl import app, flags
 
 import common
+from amended_darts_jax import cpu_kernels
 from common import SIZES
 
 METHODS = ("weight_only", "first_order", "darts/exact", "darts/fd", "amended/exact",
@@ -45,7 +46,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
 _REMAT = flags.DEFINE_list("remat", ["false"], "Rematerialize per cell: true, false or both.")
 _BATCH_EDGES = flags.DEFINE_list("batch_edges", ["true"], "The edges leaving a state as one "
                                  "vmapped op (true) or one op per edge (false), or both.")
-_DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | shift | dense.")
+_DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | kernel | shift | dense.")
+_CPU_KERNEL = flags.DEFINE_list("cpu_kernel", ["true"], "Let `auto` use the C++ depthwise kernel "
+                                "on CPU (true), or not (false: AMENDED_DARTS_CPU_KERNEL=0), or both.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Override the size's batch (0: keep).")
 _SPACE = flags.DEFINE_string("space", "", "Override the size's space, e.g. s2_all (s2 with all "
                              "seven operations).")
@@ -89,7 +92,7 @@ def measure_one(spec: str) -> dict:
   import jax
   import numpy as np
 
-  method_products, remat, batch_edges = spec.split("@")
+  method_products, remat, batch_edges, _ = spec.split("@")
   method, products, size, cfg, state, batch, step = common.setup_step(
       _SIZE.value, method_products, remat=remat == "true", depthwise_impl=_DEPTHWISE.value,
       batch=_BATCH.value, space=_SPACE.value, layers=_LAYERS.value,
@@ -121,7 +124,9 @@ def measure_one(spec: str) -> dict:
   peak_mb, peak_kind = _peak_memory_mb(jax, reset_ok)
   return dict(size=_SIZE.value, **{k: size[k] for k in ("space", "C", "layers", "batch")},
               method=method, products=products if method != "weight_only" else "",
-              remat=cfg.remat, batch_edges=cfg.batch_edges, compile_s=round(compile_s, 2),
+              remat=cfg.remat, batch_edges=cfg.batch_edges,
+              cpu_kernel=jax.default_backend() == "cpu" and cpu_kernels.available(),
+              compile_s=round(compile_s, 2),
               median_step_s=round(statistics.median(times), 5),
               min_step_s=round(min(times), 5), steps=len(times),
               peak_memory_mb=round(peak_mb, 1), memory_kind=peak_kind,
@@ -133,11 +138,12 @@ def measure_one(spec: str) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ["| method | products | remat | batch edges | compile s | median step s | "
+  lines = ["| method | products | remat | batch edges | C++ kernel | compile s | median step s | "
            "peak MB (kind) | XLA temp MB | XLA total MB |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['batch_edges']} | "
+                 f"{r['cpu_kernel']} | "
                  f"{r['compile_s']} | "
                  f"{r['median_step_s']} | {r['peak_memory_mb']} ({r['memory_kind']}) | "
                  f"{r['xla_temp_mb']} | {r['xla_total_mb']} |")
@@ -147,7 +153,7 @@ def _table(rows: list[dict]) -> str:
 def _ratio(rows, a, b, remat=False, batch_edges=True):
   def pick(spec):
     method, _, products = spec.partition("/")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: not r["cpu_kernel"]):  # with the kernel if measured
       if (r["method"] == method and (not products or r["products"] == products)
           and r["remat"] == remat and r["batch_edges"] == batch_edges):
         return r
@@ -168,23 +174,29 @@ def main(argv):
       sys.exit(f"error: unknown method {spec!r}; known: {', '.join(METHODS)}, implicit")
   common.switches("remat", _REMAT.value)  # exits on anything but true/false
   common.switches("batch_edges", _BATCH_EDGES.value)
+  common.switches("cpu_kernel", _CPU_KERNEL.value)
   os.makedirs(_OUT.value, exist_ok=True)
   rows = []
   passthrough = [a for a in sys.argv[1:]
-                 if not a.startswith(("--one", "--methods", "--remat", "--batch_edges"))]
-  variants = [(spec, remat, edges) for remat in _REMAT.value for edges in _BATCH_EDGES.value
+                 if not a.startswith(("--one", "--methods", "--remat", "--batch_edges",
+                                      "--cpu_kernel"))]
+  variants = [(spec, remat, edges, kernel) for remat in _REMAT.value
+              for edges in _BATCH_EDGES.value for kernel in _CPU_KERNEL.value
               for spec in _METHODS.value]
-  for spec, remat, edges in variants:
+  for spec, remat, edges, kernel in variants:
     cmd = [sys.executable, os.path.abspath(__file__), *passthrough,
-           f"--one={spec}@{remat}@{edges}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           f"--one={spec}@{remat}@{edges}@{kernel}"]
+    env = dict(os.environ)
+    if kernel == "false":
+      env[cpu_kernels.SWITCH_ENV] = "0"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
       err_lines = [l for l in proc.stderr.strip().splitlines() if l.strip("* ")]
       tail = (f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
               else (err_lines or ["no output"])[-1])
       row = dict(size=_SIZE.value, method=spec, remat=remat == "true",
-                 batch_edges=edges == "true", error=tail)
+                 batch_edges=edges == "true", cpu_kernel=kernel == "true", error=tail)
       print(json.dumps(row), flush=True)
     else:
       row = json.loads(lines[-1][len("RESULT "):])

@@ -51,7 +51,7 @@ from amended_darts_jax import search
 _SIZE = flags.DEFINE_enum("size", "tiny", list(common.SIZES), "Named network and batch size.")
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Timed rounds (median reported).")
 _PARTS = flags.DEFINE_list("parts", [], "Parts to time (default: all).")
-_DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | shift | dense.")
+_DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | kernel | shift | dense.")
 _BATCH_EDGES = flags.DEFINE_list("batch_edges", ["true"], "Cell layouts: true (edge groups), "
                                  "false (one op per edge) or both.")
 _REMAT = flags.DEFINE_list("remat", ["false"], "Rematerialize per cell: false, true or both.")

@@ -32,7 +32,8 @@ _LAYERS = flags.DEFINE_integer("layers", 8, "Cells.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Batch size.")
 _SIZE = flags.DEFINE_integer("size", 32, "Image height and width.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
-_IMPLS = flags.DEFINE_list("impls", ["dense", "shift", "conv"], "Depthwise formulations to compare.")
+_IMPLS = flags.DEFINE_list("impls", ["dense", "shift", "conv"], "Depthwise formulations to "
+                           "compare (also: kernel, auto).")
 _BATCH_EDGES = flags.DEFINE_list("batch_edges", ["true"], "Cell layouts: true (edge groups), "
                                  "false (one op per edge), or both.")
 

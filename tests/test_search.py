@@ -253,16 +253,21 @@ def test_partial_checkpoint_is_ignored_on_resume(tmp_path):
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())[-1] == 6
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--config.space=nas101",), "error: unknown search space 'nas101'; known spaces: darts, s1, s2"),
-    (("--config.dataset=mnist3d",), "error: config.dataset='mnist3d' is not one of"),
-    (("--config.batch_size=15",), "error: batch size 15 does not split evenly across 2 devices"),
+@pytest.mark.parametrize("flags, message, extra_env", [
+    (("--config.space=nas101",), "error: unknown search space 'nas101'; known spaces: darts, s1, s2",
+     {}),
+    (("--config.dataset=mnist3d",), "error: config.dataset='mnist3d' is not one of", {}),
+    (("--config.batch_size=15",), "error: batch size 15 does not split evenly across 2 devices",
+     {}),
     (("--config.dataset=cifar10", "--config.data_dir=/nonexistent/tfds"),
-     "error: dataset 'cifar10' is not prepared"),
-    (("--config.method=second_order",), "error: config.method='second_order' is not one of"),
+     "error: dataset 'cifar10' is not prepared", {}),
+    (("--config.method=second_order",), "error: config.method='second_order' is not one of", {}),
+    (("--config.depthwise_impl=kernel",), "error: depthwise_impl='kernel' could not be built: "
+     "turned off by AMENDED_DARTS_CPU_KERNEL=0", {"AMENDED_DARTS_CPU_KERNEL": "0"}),
 ])
-def test_bad_input_is_one_clear_line_and_exit_status_1(tmp_path, flags, message):
+def test_bad_input_is_one_clear_line_and_exit_status_1(tmp_path, flags, message, extra_env):
   env, cache = _env(tmp_path / "cache")
+  env.update(extra_env)
   proc = _cli(tmp_path / "run", *TINY_FLAGS, *flags, cache, env=env)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 1

@@ -8,11 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from amended_darts_jax import ops, spaces, supernet
+from amended_darts_jax import cpu_kernels, ops, spaces, supernet
+from amended_darts_jax import hypergrad as hg
+from amended_darts_jax.errors import ConfigError
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("impl", ["shift", "dense"])
+@pytest.mark.parametrize("impl", ["kernel", "shift", "dense"])
 @pytest.mark.parametrize("k, stride, dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 1), (5, 2, 1),
                                                  (3, 1, 2), (5, 2, 2)])
 def test_cpu_depthwise_equals_grouped_conv_values_and_gradients(impl, k, stride, dilation):
@@ -20,7 +22,10 @@ def test_cpu_depthwise_equals_grouped_conv_values_and_gradients(impl, k, stride,
   kx, kk, kc = jax.random.split(jax.random.PRNGKey(k * 10 + stride), 3)
   x = jax.random.normal(kx, (2, 9, 8, 5), jnp.float64)
   kernel = jax.random.normal(kk, (k, k, 5), jnp.float64)
-  fn = {"shift": ops.depthwise_conv_shift, "dense": ops.depthwise_conv_dense}[impl]
+  fn = {"shift": ops.depthwise_conv_shift, "dense": ops.depthwise_conv_dense,
+        "kernel": cpu_kernels.depthwise_conv}[impl]
+  if impl == "kernel":  # the C++ kernel must build wherever the tests run on CPU
+    assert cpu_kernels.available(), cpu_kernels.why_unavailable()
   ref = ops.depthwise_conv_grouped(x, kernel, stride, pad, dilation)
   got = fn(x, kernel, stride, pad, dilation)
   assert got.shape == ref.shape
@@ -46,11 +51,31 @@ def test_cpu_depthwise_equals_grouped_conv_values_and_gradients(impl, k, stride,
   for a, b in zip(jax.grad(edges(fn), (0, 1))(xs, ws),
                   jax.grad(edges(ops.depthwise_conv_grouped), (0, 1))(xs, ws)):
     np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+  # ... and with the input shared by all edges (only the kernels batched).
+  shared = lambda f: lambda x, ws: jnp.sum(jnp.sin(jax.vmap(
+      lambda w: f(x, w, stride, pad, dilation))(ws)))
+  for a, b in zip(jax.grad(shared(fn), (0, 1))(x, ws),
+                  jax.grad(shared(ops.depthwise_conv_grouped), (0, 1))(x, ws)):
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
 
 
-def test_depthwise_impl_resolution():
+def test_depthwise_impl_resolution(monkeypatch):
   assert ops.resolve_depthwise_impl("conv", 3) == "conv"
   if jax.default_backend() == "cpu":
+    assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the tests have eight
+    assert ops.resolve_depthwise_impl("auto", 3, 16) == "kernel"
+    assert ops.resolve_depthwise_impl("auto", 5, 256, dtype=jnp.float64) == "kernel"
+    # float16 has no C++ kernel: the pure-JAX rule below.
+    assert ops.resolve_depthwise_impl("auto", 3, 16, dtype=jnp.float16) == "dense"
+    with pytest.raises(ConfigError, match="takes float32 or float64, not float16"):
+      ops.resolve_depthwise_impl("kernel", 3, 16, dtype=jnp.float16)
+    # Several devices: XLA would gather the sharded batch for a custom call.
+    with monkeypatch.context() as m:
+      m.setattr(jax, "device_count", lambda: 2)
+      assert ops.resolve_depthwise_impl("auto", 3, 64) == "shift"
+    # Without the kernel, "auto" picks among the pure-JAX forms.
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     assert ops.resolve_depthwise_impl("auto", 3, 16) == "dense"
     assert ops.resolve_depthwise_impl("auto", 5, ops.DENSE_MAX_CHANNELS) == "dense"
     assert ops.resolve_depthwise_impl("auto", 5, ops.DENSE_MAX_CHANNELS + 1) == "shift"
@@ -64,6 +89,64 @@ def test_depthwise_impl_resolution():
     assert ops.resolve_depthwise_impl("auto", 3, 16, dilation=2, size=8) == "dense"
   with pytest.raises(ValueError, match="depthwise_impl must be one of"):
     ops.resolve_depthwise_impl("winograd", 3)
+
+
+def test_cpu_kernel_that_cannot_build_leaves_auto_on_pure_jax(monkeypatch, tmp_path, caplog):
+  # A fresh attempt with a "compiler" that fails and an empty cache directory.
+  monkeypatch.setattr(cpu_kernels, "_state", {})
+  monkeypatch.setenv("CXX", "false")
+  monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path))
+  assert not cpu_kernels.available()
+  assert "failed" in cpu_kernels.why_unavailable()
+  assert "the C++ depthwise kernel is not available" in caplog.text
+  assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+  if jax.default_backend() == "cpu":
+    assert ops.resolve_depthwise_impl("auto", 3, 64) == "shift"
+    with pytest.raises(ConfigError, match="depthwise_impl='kernel' could not be built: .*false"):
+      ops.resolve_depthwise_impl("kernel", 3, 64)
+  # The switch turns it off without trying to build.
+  monkeypatch.setattr(cpu_kernels, "_state", {})
+  monkeypatch.setenv(cpu_kernels.SWITCH_ENV, "0")
+  assert not cpu_kernels.available()
+  assert cpu_kernels.why_unavailable() == "turned off by AMENDED_DARTS_CPU_KERNEL=0"
+
+
+@pytest.mark.usefixtures("x64")
+def test_supernet_through_the_cpu_kernel_equals_grouped_conv_to_second_order():
+  """darts space, one (reduction) cell, float64: the alpha and weight gradients and the amended
+  term g2' = -eta M H v (forward-over-reverse through edge groups' vmaps) are the
+  same with the C++ kernel as with XLA's grouped convolution."""
+  assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1), jnp.float64)
+  batch = {"image": x, "label": jnp.array([0, 1, 2, 1])}
+
+  def products(impl):
+    model = supernet.Supernet("darts", C=2, layers=1, num_classes=3, depthwise_impl=impl)
+    alpha = jax.tree.map(lambda a: a.astype(jnp.float64),
+                         model.init_alpha(jax.random.PRNGKey(1)))
+    variables = ops.init_variables(model, 2, x, alpha, train=False)
+    stats = variables["batch_stats"]
+
+    def loss(params, alpha, b):
+      logits, _ = model.apply({"params": params, "batch_stats": stats}, b["image"], alpha,
+                              train=True, mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"]).mean()
+
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), variables["params"])
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    v = jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape, l.dtype)
+                                     for k, l in zip(keys, leaves)])
+    grads = jax.jit(jax.grad(loss, (0, 1)))(params, alpha, batch)
+    g2p = jax.jit(lambda p, a, b, v: hg.amended_term(loss, p, a, b, v, eta=0.1))(
+        params, alpha, batch, v)
+    return grads, g2p
+
+  got, ref = products("kernel"), products("conv")
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    assert a.dtype == jnp.float64
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  assert float(hg.tree_norm(got[1])) > 1e-6  # the amended term is not trivially zero
 
 
 @pytest.mark.parametrize("stride", [1, 2])
