@@ -1,16 +1,16 @@
 // Depthwise convolution on CPU as XLA FFI custom calls (NHWC).
 //
-// XLA:CPU has no fast depthwise convolution: it expands a grouped convolution
-// into a dense one (C times the work), and the sum of k*k shifted slices that
+// XLA:CPU has no fast depthwise convolution: its grouped convolution runs
+// 10-80x slower than a dense one, and the sum of k*k shifted slices that
 // ops.py writes instead makes one pass over the activation per tap, in each of
 // the forward pass, the input gradient and the kernel gradient. These three
 // kernels make one pass each. All three are bilinear in their two operands, so
 // their derivatives are calls to the same kernels (cpu_kernels.py).
 //
-//   dw_forward(x[B,N,H,W,C], k[B,K,K,C])      -> y[B,N,Ho,Wo,C]
+//   DepthwiseForward(x[B,N,H,W,C], k[B,K,K,C])       -> y[B,N,Ho,Wo,C]
 //     y[b,n,oh,ow,c] = sum_ij x[b,n,oh*s+i*d-p,ow*s+j*d-p,c] k[b,i,j,c]
-//   dw_input_grad(g[B,N,Ho,Wo,C], k[B,K,K,C]) -> dx[B,N,H,W,C]   (the transpose in x)
-//   dw_kernel_grad(x[B,N,H,W,C], g[B,N,Ho,Wo,C]) -> dk[B,K,K,C]  (the transpose in k)
+//   DepthwiseInputGrad(gy[B,N,Ho,Wo,C], k[B,K,K,C])  -> dx[B,N,H,W,C]  (transpose in x)
+//   DepthwiseKernelGrad(x[B,N,H,W,C], gy[B,N,Ho,Wo,C]) -> dk[B,K,K,C]  (transpose in k)
 //
 // B is a batch of independent convolutions (a vmap), 1 when there is none.
 // Attributes: stride s, pad p, dilation d; taps outside the input read zero.
