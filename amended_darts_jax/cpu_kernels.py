@@ -116,7 +116,7 @@ def available() -> bool:
       except Exception as e:  # noqa: BLE001 (any failure means: use the fallback)
         _state.update(ok=False, why=str(e))
         logging.warning("the C++ depthwise kernel is not available (%s); using the "
-                        "shifted sum on CPU", str(e).splitlines()[0])
+                        "pure-JAX formulations on CPU", str(e).splitlines()[0])
     return _state["ok"]
 
 
@@ -133,10 +133,6 @@ def _call(short, shape, dtype, a, b, stride, pad, dilation):
   return jax.ffi.ffi_call(_PREFIX + short, jax.ShapeDtypeStruct(shape, dtype),
                           vmap_method="broadcast_all")(
       a, b, stride=np.int64(stride), pad=np.int64(pad), dilation=np.int64(dilation))
-
-
-def _out_size(size, k, stride, pad, dilation):
-  return (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
 
 
 # The three bilinear kernels. Each takes its geometry as static arguments, and
@@ -165,10 +161,11 @@ def _bilinear(fn):
 @_bilinear
 def _forward(x, k, stride, pad, dilation, shape):
   del shape
+  from amended_darts_jax.ops import out_size  # here: ops imports this module
   n, h, w, c = x.shape
   kk = k.shape[0]
-  return _call("forward", (n, _out_size(h, kk, stride, pad, dilation),
-                           _out_size(w, kk, stride, pad, dilation), c), x.dtype,
+  return _call("forward", (n, out_size(h, kk, stride, pad, dilation),
+                           out_size(w, kk, stride, pad, dilation), c), x.dtype,
                x, k, stride, pad, dilation)
 
 

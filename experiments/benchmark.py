@@ -92,7 +92,7 @@ def measure_one(spec: str) -> dict:
   import jax
   import numpy as np
 
-  method_products, remat, batch_edges, _ = spec.split("@")
+  method_products, remat, batch_edges = spec.split("@")
   method, products, size, cfg, state, batch, step = common.setup_step(
       _SIZE.value, method_products, remat=remat == "true", depthwise_impl=_DEPTHWISE.value,
       batch=_BATCH.value, space=_SPACE.value, layers=_LAYERS.value,
@@ -185,8 +185,8 @@ def main(argv):
               for spec in _METHODS.value]
   for spec, remat, edges, kernel in variants:
     cmd = [sys.executable, os.path.abspath(__file__), *passthrough,
-           f"--one={spec}@{remat}@{edges}@{kernel}"]
-    env = dict(os.environ)
+           f"--one={spec}@{remat}@{edges}"]
+    env = dict(os.environ)  # the kernel switch reaches the worker through its environment
     if kernel == "false":
       env[cpu_kernels.SWITCH_ENV] = "0"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
