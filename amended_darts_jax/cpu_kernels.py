@@ -1,22 +1,32 @@
-"""A depthwise convolution for XLA:CPU as C++ custom calls (`depthwise_cpu.cc`).
+"""Depthwise convolution and max pooling for XLA:CPU as C++ custom calls (`cpu_kernels.cc`).
 
-XLA:CPU has no fast depthwise convolution (ops.py). The kernels here make one
-pass over the activation for the forward pass, one for the input gradient and
-one for the kernel gradient, on XLA's own thread pool. They are compiled on
-first use with the C++ compiler found on the machine (`$CXX`, else `c++`/`g++`)
-against the XLA FFI headers that jaxlib ships, and cached under
-`$AMENDED_DARTS_KERNEL_CACHE` (default `~/.cache/amended_darts_jax/kernels`),
-keyed by the source, jaxlib's version and the CPU. Without a compiler, or with
-`AMENDED_DARTS_CPU_KERNEL=0` in the environment, `available()` is False and
-ops.py's "auto" keeps its pure-JAX formulations (a failed build logs one
-warning saying why).
+XLA:CPU has no fast depthwise convolution (ops.py), and its max pooling and
+that pooling's gradient (a window reduction that tracks indices, then a
+scatter) are slow too. The kernels here make one pass over the activation
+for each of the convolution's forward pass, input gradient and kernel
+gradient, and for each of the pooling and its gradient, on XLA's own thread
+pool. They are compiled on first use with the C++ compiler found on the
+machine (`$CXX`, else `c++`/`g++`) against the XLA FFI headers that jaxlib
+ships, and cached under `$AMENDED_DARTS_KERNEL_CACHE` (default
+`~/.cache/amended_darts_jax/kernels`), keyed by the source, jaxlib's version
+and the CPU. Without a compiler, or with `AMENDED_DARTS_CPU_KERNEL=0` in the
+environment, `available()` is False and ops.py's "auto" keeps its pure-JAX
+formulations (a failed build logs one warning saying why).
 
 Derivatives. `depthwise_conv(x, k)` is a `jax.custom_vjp` whose backward pass
 calls the input-gradient and kernel-gradient kernels. Each of the three kernels
 is bilinear in its two operands, so each is a `jax.custom_jvp` whose tangent is
 two calls of itself: forward-over-reverse products (`jax.jvp` of `jax.grad`,
 what hypergrad.py computes) are exact. As with any `jax.custom_vjp`, forward
-mode on the convolution alone, outside a reverse pass, is not defined.
+mode on the convolution alone, outside a reverse pass, is not defined. The
+same holds for `max_pool` (its kernels are linear in their second operand).
+
+Edge groups. Under the supernet's `vmap` over the edges that leave one state,
+the first depthwise convolution of every `sep_conv` and `dil_conv` sees one
+input and E kernels. `depthwise_conv_edges` turns that into one call over all
+edges whose input gradient is summed inside the kernel; a plain `vmap` would
+write E input gradients and sum them afterwards, which cost 16% of a
+5-cell DARTS weight step (BUILD_NOTES.md).
 """
 
 from __future__ import annotations
@@ -37,12 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("depthwise_cpu.cc")
+SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 CACHE_ENV = "AMENDED_DARTS_KERNEL_CACHE"
 SWITCH_ENV = "AMENDED_DARTS_CPU_KERNEL"  # "0": do not build or use the kernel
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _TARGETS = {"forward": "DepthwiseForward", "input_grad": "DepthwiseInputGrad",
-            "kernel_grad": "DepthwiseKernelGrad"}
+            "kernel_grad": "DepthwiseKernelGrad", "max_gather": "MaxPoolGather",
+            "max_scatter": "MaxPoolScatter"}
 _PREFIX = "amended_darts_depthwise_"
 
 _lock = threading.Lock()
@@ -65,7 +76,7 @@ def library_path() -> pathlib.Path:
       _cpu_key().encode()])).hexdigest()[:16]
   root = pathlib.Path(os.environ.get(CACHE_ENV) or
                       pathlib.Path.home() / ".cache" / "amended_darts_jax" / "kernels")
-  return root / f"depthwise_cpu_{key}.so"
+  return root / f"cpu_kernels_{key}.so"
 
 
 def _compiler() -> str | None:
@@ -129,28 +140,29 @@ def supports(dtype) -> bool:
   return np.dtype(dtype) in DTYPES
 
 
-def _call(short, shape, dtype, a, b, stride, pad, dilation):
+def _call(short, shape, dtype, a, b, stride, pad, dilation, shared):
   return jax.ffi.ffi_call(_PREFIX + short, jax.ShapeDtypeStruct(shape, dtype),
                           vmap_method="broadcast_all")(
-      a, b, stride=np.int64(stride), pad=np.int64(pad), dilation=np.int64(dilation))
+      a, b, stride=np.int64(stride), pad=np.int64(pad), dilation=np.int64(dilation),
+      shared=np.int64(shared))
 
 
-# The three bilinear kernels. Each takes its geometry as static arguments, and
-# its jvp is the sum of two calls of itself (product rule); a symbolic zero
-# tangent skips its call.
+# The three bilinear kernels. Each takes its geometry as static arguments
+# (`shared`: E kernels on one input, cpu_kernels.cc), and its jvp is the sum
+# of two calls of itself (product rule); a symbolic zero tangent skips its call.
 
 def _bilinear(fn):
-  fn = jax.custom_jvp(fn, nondiff_argnums=(2, 3, 4, 5))
+  fn = jax.custom_jvp(fn, nondiff_argnums=(2, 3, 4, 5, 6))
 
-  def jvp(stride, pad, dilation, shape, primals, tangents):
+  def jvp(stride, pad, dilation, shape, shared, primals, tangents):
     a, b = primals
     ta, tb = tangents
-    out = fn(a, b, stride, pad, dilation, shape)
+    out = fn(a, b, stride, pad, dilation, shape, shared)
     parts = []
     if not isinstance(ta, jax.custom_derivatives.SymbolicZero):
-      parts.append(fn(ta, b, stride, pad, dilation, shape))
+      parts.append(fn(ta, b, stride, pad, dilation, shape, shared))
     if not isinstance(tb, jax.custom_derivatives.SymbolicZero):
-      parts.append(fn(a, tb, stride, pad, dilation, shape))
+      parts.append(fn(a, tb, stride, pad, dilation, shape, shared))
     tangent = functools.reduce(jnp.add, parts) if parts else jnp.zeros_like(out)
     return out, tangent
 
@@ -159,41 +171,134 @@ def _bilinear(fn):
 
 
 @_bilinear
-def _forward(x, k, stride, pad, dilation, shape):
+def _forward(x, k, stride, pad, dilation, shape, shared):
   del shape
   from amended_darts_jax.ops import out_size  # here: ops imports this module
-  n, h, w, c = x.shape
-  kk = k.shape[0]
-  return _call("forward", (n, out_size(h, kk, stride, pad, dilation),
+  n, h, w, c = x.shape[-4:]
+  kk = k.shape[-2]
+  edges = k.shape[-4:-3] if shared else ()
+  return _call("forward", (*x.shape[:-4], *edges, n, out_size(h, kk, stride, pad, dilation),
                            out_size(w, kk, stride, pad, dilation), c), x.dtype,
-               x, k, stride, pad, dilation)
+               x, k, stride, pad, dilation, shared)
 
 
 @_bilinear
-def _input_grad(g, k, stride, pad, dilation, shape):
-  return _call("input_grad", shape, g.dtype, g, k, stride, pad, dilation)
+def _input_grad(g, k, stride, pad, dilation, shape, shared):
+  return _call("input_grad", shape, g.dtype, g, k, stride, pad, dilation, shared)
 
 
 @_bilinear
-def _kernel_grad(x, g, stride, pad, dilation, shape):
-  return _call("kernel_grad", shape, x.dtype, x, g, stride, pad, dilation)
+def _kernel_grad(x, g, stride, pad, dilation, shape, shared):
+  return _call("kernel_grad", shape, x.dtype, x, g, stride, pad, dilation, shared)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def depthwise_conv(x_NHWC, kernel_KKC, stride, pad, dilation):
-  """Depthwise convolution of x (N, H, W, C) with kernel (k, k, C), zero padding `pad`."""
-  return _forward(x_NHWC, kernel_KKC, stride, pad, dilation, None)
+def _make_conv(shared: bool):
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+  def conv(x, kernel, stride, pad, dilation):
+    return _forward(x, kernel, stride, pad, dilation, None, shared)
+
+  def fwd(x, kernel, stride, pad, dilation):
+    return _forward(x, kernel, stride, pad, dilation, None, shared), (x, kernel)
+
+  def bwd(stride, pad, dilation, residuals, g):
+    x, kernel = residuals
+    return (_input_grad(g, kernel, stride, pad, dilation, x.shape, shared),
+            _kernel_grad(x, g, stride, pad, dilation, kernel.shape, shared))
+
+  conv.defvjp(fwd, bwd)
+  return conv
 
 
-def _depthwise_conv_fwd(x_NHWC, kernel_KKC, stride, pad, dilation):
-  return _forward(x_NHWC, kernel_KKC, stride, pad, dilation, None), (x_NHWC, kernel_KKC)
+depthwise_conv = _make_conv(shared=False)
+depthwise_conv.__doc__ = """Depthwise convolution of x (N, H, W, C) with kernel (k, k, C), zero padding `pad`."""
+
+depthwise_conv_shared = _make_conv(shared=True)
+depthwise_conv_shared.__doc__ = """The edges' convolutions of one input: x (N, H, W, C), kernels (E, k, k, C) -> (E, N, Ho, Wo, C).
+
+Its input gradient is summed over the edges inside the kernel, where
+`jax.vmap(depthwise_conv, (None, 0))` writes E input gradients and then sums them.
+"""
 
 
-def _depthwise_conv_bwd(stride, pad, dilation, residuals, g_NHWC):
-  x_NHWC, kernel_KKC = residuals
-  dx = _input_grad(g_NHWC, kernel_KKC, stride, pad, dilation, x_NHWC.shape)
-  dk = _kernel_grad(x_NHWC, g_NHWC, stride, pad, dilation, kernel_KKC.shape)
-  return dx, dk
+@functools.lru_cache(maxsize=None)
+def _edge_conv(stride: int, pad: int, dilation: int):
+  @jax.custom_batching.custom_vmap
+  def conv(x, kernel):
+    return depthwise_conv(x, kernel, stride, pad, dilation)
+
+  @conv.def_vmap
+  def rule(axis_size, in_batched, x, kernel):
+    x_batched, kernel_batched = in_batched
+    if kernel_batched and not x_batched:
+      return depthwise_conv_shared(x, kernel, stride, pad, dilation), True
+    if not x_batched:
+      x = jnp.broadcast_to(x, (axis_size, *x.shape))
+    if not kernel_batched:
+      kernel = jnp.broadcast_to(kernel, (axis_size, *kernel.shape))
+    return jax.vmap(lambda a, b: depthwise_conv(a, b, stride, pad, dilation))(x, kernel), True
+
+  return conv
 
 
-depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+def depthwise_conv_edges(x_NHWC, kernel_KKC, stride, pad, dilation):
+  """`depthwise_conv` for a module under the edge group's `vmap` whose input the edges share.
+
+  Under that vmap (input unbatched, kernel batched) it becomes `depthwise_conv_shared`.
+  It must run under a vmap: `jax.custom_batching.custom_vmap`, which picks the
+  form, has no reverse-mode rule of its own, so `jax.grad` works only when the
+  vmap is applied inside it (as the supernet's EdgeGroup is).
+  """
+  return _edge_conv(int(stride), int(pad), int(dilation))(x_NHWC, kernel_KKC)
+
+
+# Max pooling. gather(x, t) reads t at each window's first maximum of x, so the
+# pooling is gather(x, x); scatter(x, g) is gather's transpose in t. Both are
+# linear in their second operand and, the maxima being constant almost
+# everywhere, have no derivative in x: each is a custom_jvp whose tangent is a
+# call of itself on the second operand's tangent.
+
+def _pool_call(short, shape, dtype, x, b, window, stride, pad):
+  return jax.ffi.ffi_call(_PREFIX + short, jax.ShapeDtypeStruct(shape, dtype),
+                          vmap_method="broadcast_all")(
+      x, b, window=np.int64(window), stride=np.int64(stride), pad=np.int64(pad))
+
+
+def _linear_in_second(fn):
+  fn = jax.custom_jvp(fn, nondiff_argnums=(2, 3, 4))
+  fn.defjvp(lambda window, stride, pad, primals, tangents: (
+      fn(*primals, window, stride, pad), fn(primals[0], tangents[1], window, stride, pad)))
+  return fn
+
+
+@_linear_in_second
+def _max_gather(x, t, window, stride, pad):
+  from amended_darts_jax.ops import out_size  # here: ops imports this module
+  n, h, w, c = x.shape
+  shape = (n, out_size(h, window, stride, pad), out_size(w, window, stride, pad), c)
+  return _pool_call("max_gather", shape, x.dtype, x, t, window, stride, pad)
+
+
+@_linear_in_second
+def _max_scatter(x, g, window, stride, pad):
+  return _pool_call("max_scatter", x.shape, x.dtype, x, g, window, stride, pad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x_NHWC, window, stride, pad):
+  """Max pooling of x (N, H, W, C) over window x window, padding that never wins.
+
+  The gradient goes to each window's first maximum in row-major order (PyTorch's
+  rule); forward-over-reverse products are exact (the gather and scatter above).
+  """
+  return _max_gather(x_NHWC, x_NHWC, window, stride, pad)
+
+
+def _max_pool_fwd(x_NHWC, window, stride, pad):
+  return _max_gather(x_NHWC, x_NHWC, window, stride, pad), x_NHWC
+
+
+def _max_pool_bwd(window, stride, pad, x_NHWC, g_NHWC):
+  return (_max_scatter(x_NHWC, g_NHWC, window, stride, pad),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -122,7 +122,8 @@ def resolve_depthwise_impl(impl: str, kernel_size: int, channels: int = 0,
   "auto" keeps XLA's grouped convolution on GPU/TPU. On CPU it takes the C++
   kernel (`cpu_kernels.py`) for float32 and float64 (`dtype` None: float32)
   where it builds and there is one CPU device; its gradient is 3.9-12x faster
-  than the pure-JAX forms' (experiments/depthwise_speed.py). With the batch
+  than the pure-JAX forms' (experiments/depthwise_speed.py). Max pooling
+  follows the same choice (`max_pool_3x3`). With the batch
   sharded over several devices XLA's partitioner, which cannot split a custom
   call, would gather the whole batch on each. Otherwise "auto" on CPU takes the
   dense diagonal-kernel convolution up to DENSE_MAX_CHANNELS channels (as fast as the
@@ -227,21 +228,24 @@ def _depthwise_conv_shift_fwd(x_NHWC, kernel_KKC, stride, pad, dilation):
   return _shifted_sum(x_NHWC, kernel_KKC, stride, pad, dilation), (x_NHWC, kernel_KKC)
 
 
+def _unshift(g_NHWC, i, j, padded_shape, stride, dilation):
+  """The transpose of reading tap (i, j): g put back where the tap was read in the
+  padded input (low padding i*dilation, interior stride-1, the rest high)."""
+  spread = [(0, 0, 0)]
+  for axis, offset in ((1, i * dilation), (2, j * dilation)):
+    high = padded_shape[axis] - offset - (g_NHWC.shape[axis] - 1) * stride - 1
+    spread.append((offset, high, stride - 1))
+  return jax.lax.pad(g_NHWC, jnp.zeros((), g_NHWC.dtype), spread + [(0, 0, 0)])
+
+
 def _depthwise_conv_shift_bwd(stride, pad, dilation, residuals, g_NHWC):
   x_NHWC, kernel_KKC = residuals
   k = kernel_KKC.shape[0]
   xp = _pad_same(x_NHWC, pad)
-  zero = jnp.zeros((), g_NHWC.dtype)
   dkernel_TC, dxp = [], None
   for i, j, tap in _shifted_taps(xp, k, g_NHWC.shape, stride, dilation):
     dkernel_TC.append((tap * g_NHWC).sum((0, 1, 2)))  # d out / d kernel[i, j] = tap
-    # d out / d tap = kernel[i, j]: scatter g * kernel[i, j] back where the tap was
-    # read (low padding i*dilation, interior stride-1, the rest high).
-    spread = [(0, 0, 0)]
-    for axis, offset in ((1, i * dilation), (2, j * dilation)):
-      high = xp.shape[axis] - offset - (g_NHWC.shape[axis] - 1) * stride - 1
-      spread.append((offset, high, stride - 1))
-    term = jax.lax.pad(g_NHWC * kernel_KKC[i, j], zero, spread + [(0, 0, 0)])
+    term = _unshift(g_NHWC * kernel_KKC[i, j], i, j, xp.shape, stride, dilation)  # d out / d tap
     dxp = term if dxp is None else dxp + term
   dx = dxp[:, pad:pad + x_NHWC.shape[1], pad:pad + x_NHWC.shape[2], :]
   return dx, jnp.stack(dkernel_TC).reshape(kernel_KKC.shape)
@@ -254,7 +258,10 @@ class DepthwiseConv(nn.Module):
   """k x k depthwise convolution without bias; `impl` picks the formulation.
 
   `shared_input=False` says the module runs under a `vmap` whose input is
-  batched too (resolve_depthwise_impl).
+  batched too (resolve_depthwise_impl). `edge_shared=True` says it runs under
+  the edge group's `vmap` with the input shared by the edges: the C++ kernel
+  then convolves all edges in one call and sums their input gradients itself
+  (cpu_kernels.depthwise_conv_edges).
   """
   kernel_size: int
   stride: int = 1
@@ -262,6 +269,7 @@ class DepthwiseConv(nn.Module):
   dilation: int = 1
   impl: str = "auto"
   shared_input: bool = True
+  edge_shared: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -269,8 +277,9 @@ class DepthwiseConv(nn.Module):
     # fan_in of a depthwise filter is k*k, as PyTorch's grouped conv counts it.
     kernel = self.param("kernel", lambda key, shape: torch_init(key, (k, k, 1, shape[-1]))[:, :, 0],
                         (k, k, x.shape[-1]))
+    kernel_fn = cpu_kernels.depthwise_conv_edges if self.edge_shared else cpu_kernels.depthwise_conv
     fn = {"shift": depthwise_conv_shift, "conv": depthwise_conv_grouped,
-          "dense": depthwise_conv_dense, "kernel": cpu_kernels.depthwise_conv}[
+          "dense": depthwise_conv_dense, "kernel": kernel_fn}[
               resolve_depthwise_impl(self.impl, k, x.shape[-1], self.shared_input,
                                      self.dilation, min(x.shape[-3:-1]), x.dtype)]
     return fn(x, kernel.astype(x.dtype), self.stride, self.padding, self.dilation)
@@ -327,7 +336,8 @@ class SepConv(nn.Module):
   def __call__(self, x, train: bool):
     c_in = x.shape[-1]
     act = activation(self.act)
-    x = DepthwiseConv(self.kernel_size, self.stride, self.padding, 1, self.depthwise_impl)(act(x))
+    x = DepthwiseConv(self.kernel_size, self.stride, self.padding, 1, self.depthwise_impl,
+                      edge_shared=self.edge_batched)(act(x))
     x = batch_norm(train, self.affine)(pointwise(c_in)(x))
     x = DepthwiseConv(self.kernel_size, 1, self.padding, 1, self.depthwise_impl,
                       shared_input=not self.edge_batched)(act(x))
@@ -335,7 +345,10 @@ class SepConv(nn.Module):
 
 
 class DilConv(nn.Module):
-  """act -> dilated depthwise conv -> 1x1 conv -> BN."""
+  """act -> dilated depthwise conv -> 1x1 conv -> BN.
+
+  `edge_batched`: the module runs under `nn.vmap` over edges that share its input.
+  """
   features: int
   kernel_size: int
   stride: int
@@ -344,12 +357,13 @@ class DilConv(nn.Module):
   affine: bool = True
   act: str = "relu"
   depthwise_impl: str = "auto"
+  edge_batched: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = activation(self.act)(x)
     x = DepthwiseConv(self.kernel_size, self.stride, self.padding, self.dilation,
-                      self.depthwise_impl)(x)
+                      self.depthwise_impl, edge_shared=self.edge_batched)(x)
     return batch_norm(train, self.affine)(pointwise(self.features)(x))
 
 
@@ -369,7 +383,11 @@ class FactorizedReduce(nn.Module):
     return batch_norm(train, self.affine)(jnp.concatenate([a, b], axis=-1))
 
 
-def max_pool_3x3(x, stride):
+def max_pool_3x3(x, stride, impl: str = "auto"):
+  """3x3 max pooling, padding 1; the C++ kernel where `impl` resolves to it (as the
+  depthwise convolutions do), else `lax.reduce_window`."""
+  if resolve_depthwise_impl(impl, 3, dtype=x.dtype) == "kernel":
+    return cpu_kernels.max_pool(x, 3, stride, 1)
   return nn.max_pool(x, (3, 3), (stride, stride), padding=((1, 1), (1, 1)))
 
 
@@ -382,7 +400,7 @@ class Op(nn.Module):
   """One named DARTS operation at `stride`, producing `features` channels.
 
   `pool_bn` appends a non-affine BN to the pools, as DARTS' MixedOp does in search.
-  `edge_batched`: it runs under `nn.vmap` over edges that share its input (SepConv).
+  `edge_batched`: it runs under `nn.vmap` over edges that share its input (SepConv, DilConv).
   `none` returns zeros of the output shape.
   """
   op_name: str
@@ -402,7 +420,7 @@ class Op(nn.Module):
     if op == "none":
       return jnp.zeros_like(x[:, ::s, ::s])
     if op in ("max_pool_3x3", "avg_pool_3x3"):
-      y = (max_pool_3x3 if op == "max_pool_3x3" else avg_pool_3x3)(x, s)
+      y = max_pool_3x3(x, s, self.depthwise_impl) if op == "max_pool_3x3" else avg_pool_3x3(x, s)
       return batch_norm(train, affine=False)(y) if self.pool_bn else y
     if op == "skip_connect":
       return x if s == 1 else FactorizedReduce(c, **common)(x, train)
@@ -411,9 +429,9 @@ class Op(nn.Module):
     if op == "sep_conv_5x5":
       return SepConv(c, 5, s, 2, **common, **dw, edge_batched=self.edge_batched)(x, train)
     if op == "dil_conv_3x3":
-      return DilConv(c, 3, s, 2, 2, **common, **dw)(x, train)
+      return DilConv(c, 3, s, 2, 2, **common, **dw, edge_batched=self.edge_batched)(x, train)
     if op == "dil_conv_5x5":
-      return DilConv(c, 5, s, 4, 2, **common, **dw)(x, train)
+      return DilConv(c, 5, s, 4, 2, **common, **dw, edge_batched=self.edge_batched)(x, train)
     raise ValueError(f"unknown operation {op!r}")
 
 

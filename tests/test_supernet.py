@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +58,29 @@ def test_cpu_depthwise_equals_grouped_conv_values_and_gradients(impl, k, stride,
   for a, b in zip(jax.grad(shared(fn), (0, 1))(x, ws),
                   jax.grad(shared(ops.depthwise_conv_grouped), (0, 1))(x, ws)):
     np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+  if impl != "kernel":
+    return
+  # The edge groups' form of the kernel: all edges in one call, the input gradient
+  # summed inside it; values, gradients and forward-over-reverse under the shared
+  # vmap, and the fallback to plain calls when the input is batched too.
+  edge = cpu_kernels.depthwise_conv_edges
+  np.testing.assert_allclose(
+      jax.vmap(lambda w: edge(x, w, stride, pad, dilation))(ws),
+      jax.vmap(lambda w: ops.depthwise_conv_grouped(x, w, stride, pad, dilation))(ws),
+      rtol=1e-12, atol=1e-12)
+  hvp = lambda f: jax.jvp(jax.grad(shared(f), (0, 1)), (x, ws), (tangents[0], 3 * ws))
+  for a, b in zip(jax.tree.leaves(hvp(edge)), jax.tree.leaves(hvp(ops.depthwise_conv_grouped))):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+  for a, b in zip(jax.grad(edges(edge), (0, 1))(xs, ws),
+                  jax.grad(edges(ops.depthwise_conv_grouped), (0, 1))(xs, ws)):
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+  # Under an outer vmap as well (the kernels' leading batch axis B).
+  nested = lambda f: lambda xs, wss: jnp.sum(jnp.sin(jax.vmap(lambda x, ws: jax.vmap(
+      lambda w: f(x, w, stride, pad, dilation))(ws))(xs, wss)) * jnp.arange(1, 3).reshape(2, 1, 1, 1, 1, 1))
+  wss = jnp.stack([ws, 2 * ws])
+  for a, b in zip(jax.grad(nested(edge), (0, 1))(xs, wss),
+                  jax.grad(nested(ops.depthwise_conv_grouped), (0, 1))(xs, wss)):
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
 
 
 def test_depthwise_impl_resolution(monkeypatch):
@@ -109,6 +133,42 @@ def test_cpu_kernel_that_cannot_build_leaves_auto_on_pure_jax(monkeypatch, tmp_p
   monkeypatch.setenv(cpu_kernels.SWITCH_ENV, "0")
   assert not cpu_kernels.available()
   assert cpu_kernels.why_unavailable() == "turned off by AMENDED_DARTS_CPU_KERNEL=0"
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("stride, size", [(1, 7), (2, 7), (2, 8)])
+def test_cpu_max_pool_equals_reduce_window_and_breaks_ties_like_pytorch(stride, size):
+  assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+  ref_pool = lambda x: nn.max_pool(x, (3, 3), (stride, stride), padding=((1, 1), (1, 1)))
+  ours = lambda x: cpu_kernels.max_pool(x, 3, stride, 1)
+  kx, kc, kt = jax.random.split(jax.random.PRNGKey(size + stride), 3)
+  x = jax.random.normal(kx, (2, size, size + 1, 3), jnp.float64)  # no ties
+  np.testing.assert_array_equal(ours(x), ref_pool(x))
+  np.testing.assert_array_equal(ours(x.astype(jnp.float32)), ref_pool(x.astype(jnp.float32)))
+  np.testing.assert_array_equal(jax.vmap(ours)(jnp.stack([x, -x])),
+                                jax.vmap(ref_pool)(jnp.stack([x, -x])))
+  cot = jax.random.normal(kc, ref_pool(x).shape, jnp.float64)
+  loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)) * cot)
+  np.testing.assert_allclose(jax.grad(loss(ours))(x), jax.grad(loss(ref_pool))(x),
+                             rtol=1e-13, atol=1e-15)
+  t = jax.random.normal(kt, x.shape, jnp.float64)
+  np.testing.assert_allclose(jax.jvp(jax.grad(loss(ours)), (x,), (t,))[1],
+                             jax.jvp(jax.grad(loss(ref_pool)), (x,), (t,))[1],
+                             rtol=1e-12, atol=1e-15)
+  # Ties: each window's gradient goes to its first maximal input in row-major
+  # order (PyTorch's rule), counted here by a loop over windows.
+  xt = np.asarray(jax.random.randint(kx, (1, size, size, 2), 0, 3), np.float64)
+  g = np.asarray(jax.random.normal(kc, ref_pool(xt).shape, jnp.float64))
+  want = np.zeros_like(xt)
+  for oh in range(g.shape[1]):
+    for ow in range(g.shape[2]):
+      for c in range(2):
+        window = [(h, w) for h in range(oh * stride - 1, oh * stride + 2)
+                  for w in range(ow * stride - 1, ow * stride + 2) if 0 <= h < size and 0 <= w < size]
+        h, w = max(window, key=lambda hw: (xt[0, hw[0], hw[1], c], -window.index(hw)))
+        want[0, h, w, c] += g[0, oh, ow, c]
+  got = jax.vjp(ours, jnp.asarray(xt))[1](jnp.asarray(g))[0]
+  np.testing.assert_allclose(got, want, rtol=1e-14)
 
 
 @pytest.mark.usefixtures("x64")

@@ -29,7 +29,7 @@ def get_config():
   c.init_channels = 8
   c.layers = 5
   c.activation = "relu"  # relu | softplus | gelu | tanh (smooth: exact-vs-fd studies)
-  c.depthwise_impl = "auto"  # auto | conv | kernel (C++, CPU) | shift | dense
+  c.depthwise_impl = "auto"  # auto | conv | kernel (C++, CPU; max pooling too) | shift | dense
   c.remat = False  # rematerialize per cell (less memory, more time)
   c.batch_edges = True  # the edges leaving a state as one vmapped op (faster; False: per edge)
 

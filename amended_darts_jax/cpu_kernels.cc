@@ -1,0 +1,349 @@
+// Depthwise convolution and max pooling on CPU as XLA FFI custom calls (NHWC).
+//
+// XLA:CPU has no fast depthwise convolution: its grouped convolution runs
+// 10-80x slower than a dense one, and the sum of k*k shifted slices that
+// ops.py writes instead makes one pass over the activation per tap, in each of
+// the forward pass, the input gradient and the kernel gradient. These three
+// kernels make one pass each. All three are bilinear in their two operands, so
+// their derivatives are calls to the same kernels (cpu_kernels.py).
+//
+//   DepthwiseForward(x[B,N,H,W,C], k[B,K,K,C])       -> y[B,N,Ho,Wo,C]
+//     y[b,n,oh,ow,c] = sum_ij x[b,n,oh*s+i*d-p,ow*s+j*d-p,c] k[b,i,j,c]
+//   DepthwiseInputGrad(gy[B,N,Ho,Wo,C], k[B,K,K,C])  -> dx[B,N,H,W,C]  (transpose in x)
+//   DepthwiseKernelGrad(x[B,N,H,W,C], gy[B,N,Ho,Wo,C]) -> dk[B,K,K,C]  (transpose in k)
+//
+// B is a batch of independent convolutions (a vmap), 1 when there is none.
+// Attributes: stride s, pad p, dilation d; taps outside the input read zero.
+// With the attribute shared = 1, E kernels convolve one input (the edges of
+// an edge group, supernet.py): k, y and gy carry an edge axis E after B that
+// x and dx lack, and the input gradient is summed over the edges:
+//   DepthwiseForward(x[B,N,H,W,C], k[B,E,K,K,C])          -> y[B,E,N,Ho,Wo,C]
+//   DepthwiseInputGrad(gy[B,E,N,Ho,Wo,C], k[B,E,K,K,C])   -> dx[B,N,H,W,C]
+//   DepthwiseKernelGrad(x[B,N,H,W,C], gy[B,E,N,Ho,Wo,C])  -> dk[B,E,K,K,C]
+// Work is split over the images (B*E*N; B*N for the summed input gradient)
+// on XLA's intra-op thread pool; the calling
+// thread takes images too and waits only for images already being worked on,
+// so a busy pool cannot deadlock it.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t B, E, N, H, W, C, K, Ho, Wo, s, p, d;
+};
+
+// Runs body(image, worker_state) for image in [0, count) on the caller and the
+// pool. make_state() gives each worker its private state; finish(state) runs
+// once per worker that took at least one image, before the caller returns.
+template <typename State, typename Make, typename Body, typename Finish>
+void ParallelImages(ffi::ThreadPool& pool, int64_t count, Make make_state,
+                    Body body, Finish finish) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto shared = std::make_shared<Shared>();
+  auto work = [shared, count, &make_state, &body, &finish]() {
+    int64_t taken = 0;
+    std::unique_ptr<State> state;
+    for (int64_t i; (i = shared->next.fetch_add(1)) < count;) {
+      if (!state) state = std::make_unique<State>(make_state());
+      body(i, *state);
+      ++taken;
+    }
+    if (taken == 0) return;
+    std::lock_guard<std::mutex> lock(shared->mu);
+    finish(*state);
+    shared->done += taken;
+    shared->cv.notify_all();
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  // Helpers run `work` only while images are left: once `next` has passed
+  // `count` a late helper touches nothing but `shared`, which it co-owns, so
+  // it may start after this function has returned. Until then the references
+  // it holds are alive because the caller waits for every taken image.
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([shared, count, work]() {
+      if (shared->next.load() < count) work();
+    });
+  }
+  work();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done == count; });
+}
+
+// Calls tap(in, out, k) for every tap of one image that reads inside the input:
+// `in` is the offset of input pixel (ih, iw), `out` of output pixel (oh, ow) and
+// `k` of kernel tap (i, j), each to be followed by C channels.
+template <typename Tap>
+inline void ForEachTap(const Geometry& g, Tap tap) {
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    for (int64_t i = 0; i < g.K; ++i) {
+      const int64_t ih = oh * g.s + i * g.d - g.p;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        for (int64_t j = 0; j < g.K; ++j) {
+          const int64_t iw = ow * g.s + j * g.d - g.p;
+          if (iw < 0 || iw >= g.W) continue;
+          tap((ih * g.W + iw) * g.C, (oh * g.Wo + ow) * g.C, (i * g.K + j) * g.C);
+        }
+      }
+    }
+  }
+}
+
+// acc[c] += u[c] * v[c] over the channels: every kernel's inner loop. The
+// restrict-qualified parameters let the compiler vectorize it without alias checks.
+template <typename T>
+inline void MultiplyAdd(T* __restrict acc, const T* __restrict u, const T* __restrict v,
+                        int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c) acc[c] += u[c] * v[c];
+}
+
+enum class Kind { kForward, kInputGrad, kKernelGrad };
+
+struct Empty {};
+
+// The three kernels over B*E*N images. Operands by kind:
+//   kForward:    a = x,  b = k,  r = y
+//   kInputGrad:  a = gy, b = k,  r = dx
+//   kKernelGrad: a = x,  b = gy, r = dk
+// Image i of y, gy is (b, e, n) = (i / (E*N), i / N % E, i % N); it reads x
+// image b*N + n and kernel i / N (that is b*E + e). With E = 1 all are i and i / N.
+template <Kind kind, typename T>
+void Compute(ffi::ThreadPool& pool, const Geometry& g, const T* a, const T* b, T* r) {
+  const int64_t in_image = g.H * g.W * g.C, out_image = g.Ho * g.Wo * g.C;
+  const int64_t kernel = g.K * g.K * g.C, C = g.C, EN = g.E * g.N;
+  auto x_image = [&](int64_t i) { return (i / EN * g.N + i % g.N) * in_image; };
+  if constexpr (kind == Kind::kKernelGrad) {
+    const int64_t kernels = g.B * g.E;
+    std::fill(r, r + kernels * kernel, T(0));
+    using Acc = std::vector<T>;  // one worker's sums for all B*E kernels
+    ParallelImages<Acc>(
+        pool, kernels * g.N, [&] { return Acc(kernels * kernel, T(0)); },
+        [&](int64_t image, Acc& acc) {
+          const T* x = a + x_image(image);
+          const T* gy = b + image * out_image;
+          T* dk = acc.data() + (image / g.N) * kernel;
+          ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
+            MultiplyAdd(dk + tap, x + in, gy + out, C);
+          });
+        },
+        [&](Acc& acc) {
+          for (int64_t e = 0; e < kernels * kernel; ++e) r[e] += acc[e];
+        });
+  } else if constexpr (kind == Kind::kForward) {
+    ParallelImages<Empty>(
+        pool, g.B * EN, [] { return Empty{}; },
+        [&](int64_t image, Empty&) {
+          const T* x = a + x_image(image);
+          const T* k = b + (image / g.N) * kernel;
+          T* y = r + image * out_image;
+          std::memset(y, 0, sizeof(T) * out_image);
+          ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
+            MultiplyAdd(y + out, x + in, k + tap, C);
+          });
+        },
+        [](Empty&) {});
+  } else {  // one dx image (b, n) sums the E edges' gy images (b, e, n)
+    ParallelImages<Empty>(
+        pool, g.B * g.N, [] { return Empty{}; },
+        [&](int64_t image, Empty&) {
+          const int64_t batch = image / g.N, n = image % g.N;
+          T* dx = r + image * in_image;
+          std::memset(dx, 0, sizeof(T) * in_image);
+          for (int64_t e = 0; e < g.E; ++e) {
+            const int64_t edge = batch * g.E + e;
+            const T* gy = a + (edge * g.N + n) * out_image;
+            const T* k = b + edge * kernel;
+            ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
+              MultiplyAdd(dx + in, gy + out, k + tap, C);
+            });
+          }
+        },
+        [](Empty&) {});
+  }
+}
+
+template <Kind kind>
+ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                ffi::Result<ffi::AnyBuffer> r, int64_t stride, int64_t pad, int64_t dilation,
+                int64_t shared) {
+  const ffi::DataType type = a.element_type();
+  if (b.element_type() != type || r->element_type() != type ||
+      (type != ffi::DataType::F32 && type != ffi::DataType::F64))
+    return ffi::Error::InvalidArgument("depthwise kernel: float32 or float64 operands of one type");
+  // Which operand is shaped like the input [..., N, H, W, C], like the kernel
+  // [..., (E,) K, K, C] and like the output [..., (E,) N, Ho, Wo, C].
+  auto image = kind == Kind::kInputGrad ? r->dimensions() : a.dimensions();
+  auto kernel = kind == Kind::kKernelGrad ? r->dimensions() : b.dimensions();
+  auto out = kind == Kind::kForward ? r->dimensions()
+                                    : (kind == Kind::kInputGrad ? a.dimensions() : b.dimensions());
+  const int64_t rank = image.size(), edge_axes = shared ? 1 : 0;
+  if (rank < 4 || static_cast<int64_t>(kernel.size()) != rank - 1 + edge_axes ||
+      static_cast<int64_t>(out.size()) != rank + edge_axes)
+    return ffi::Error::InvalidArgument("depthwise kernel: bad operand ranks");
+  Geometry g{};
+  g.B = 1;
+  for (int64_t axis = 0; axis < rank - 4; ++axis) {
+    if (image[axis] != kernel[axis] || image[axis] != out[axis])
+      return ffi::Error::InvalidArgument("depthwise kernel: batch dims differ");
+    g.B *= image[axis];
+  }
+  const int64_t kc = rank - 4 + edge_axes;  // where the kernel's K, K, C and the output's N start
+  g.E = shared ? kernel[rank - 4] : 1;
+  g.N = image[rank - 4], g.H = image[rank - 3], g.W = image[rank - 2], g.C = image[rank - 1];
+  g.K = kernel[kc], g.Ho = out[kc + 1], g.Wo = out[kc + 2];
+  g.s = stride, g.p = pad, g.d = dilation;
+  if (kernel[kc + 1] != g.K || kernel[kc + 2] != g.C || out[kc + 3] != g.C || out[kc] != g.N ||
+      (shared && out[rank - 4] != g.E))
+    return ffi::Error::InvalidArgument("depthwise kernel: operand shapes do not agree");
+  if (type == ffi::DataType::F32)
+    Compute<kind>(pool, g, a.typed_data<float>(), b.typed_data<float>(), r->typed_data<float>());
+  else
+    Compute<kind>(pool, g, a.typed_data<double>(), b.typed_data<double>(),
+                  r->typed_data<double>());
+  return ffi::Error::Success();
+}
+
+// Max pooling, k x k windows, stride s, padding p that never wins (-inf):
+//   MaxPoolGather(x[B,N,H,W,C], t[B,N,H,W,C])   -> y[B,N,Ho,Wo,C]
+//     y[b,n,oh,ow,c] = t at the first maximum of x's window (row-major order,
+//     PyTorch's rule); gather(x, x) is the pooling, gather(x, dx) its tangent.
+//   MaxPoolScatter(x[B,N,H,W,C], gy[B,N,Ho,Wo,C]) -> dx[B,N,H,W,C]
+//     the transpose of gather in t: each gy goes to its window's first maximum.
+// Both are linear in their second operand; the maxima are constant almost
+// everywhere, so neither has a derivative in x.
+enum class PoolKind { kGather, kScatter };
+
+// Per channel, keeps the first maximum (value and offset) against the input at
+// `base`; strictly greater, so an equal later value does not take over.
+template <typename T>
+inline void KeepFirstMax(T* __restrict value, int32_t* __restrict at, const T* __restrict v,
+                         int32_t base, int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const bool more = v[c] > value[c];
+    value[c] = more ? v[c] : value[c];
+    at[c] = more ? base + static_cast<int32_t>(c) : at[c];
+  }
+}
+
+template <PoolKind kind, typename T>
+void Pool(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* b, T* r) {
+  const int64_t in_image = g.H * g.W * g.C, out_image = g.Ho * g.Wo * g.C, C = g.C;
+  struct Best {  // per channel: the first maximum so far and where it is
+    std::vector<T> value;
+    std::vector<int32_t> at;  // offsets within one image (checked to fit)
+  };
+  ParallelImages<Best>(
+      pool, g.B * g.N, [&] { return Best{std::vector<T>(C), std::vector<int32_t>(C)}; },
+      [&](int64_t image, Best& best) {
+        const T* xi = x + image * in_image;
+        const T* src = b + image * (kind == PoolKind::kGather ? in_image : out_image);
+        T* dst = r + image * (kind == PoolKind::kGather ? out_image : in_image);
+        if constexpr (kind == PoolKind::kScatter) std::memset(dst, 0, sizeof(T) * in_image);
+        T* __restrict value = best.value.data();
+        int32_t* __restrict at = best.at.data();
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const int64_t h0 = std::max<int64_t>(oh * g.s - g.p, 0);
+          const int64_t h1 = std::min<int64_t>(oh * g.s - g.p + g.K, g.H);
+          for (int64_t ow = 0; ow < g.Wo; ++ow) {
+            const int64_t w0 = std::max<int64_t>(ow * g.s - g.p, 0);
+            const int64_t w1 = std::min<int64_t>(ow * g.s - g.p + g.K, g.W);
+            const int64_t first = (h0 * g.W + w0) * C;
+            for (int64_t c = 0; c < C; ++c) value[c] = xi[first + c], at[c] = first + c;
+            for (int64_t ih = h0; ih < h1; ++ih) {
+              for (int64_t iw = ih == h0 ? w0 + 1 : w0; iw < w1; ++iw) {
+                const int64_t base = (ih * g.W + iw) * C;
+                KeepFirstMax(value, at, xi + base, static_cast<int32_t>(base), C);
+              }
+            }
+            const int64_t o = (oh * g.Wo + ow) * C;
+            if constexpr (kind == PoolKind::kGather) {
+              for (int64_t c = 0; c < C; ++c) dst[o + c] = src[at[c]];
+            } else {
+              for (int64_t c = 0; c < C; ++c) dst[at[c]] += src[o + c];
+            }
+          }
+        }
+      },
+      [](Best&) {});
+}
+
+template <PoolKind kind>
+ffi::Error PoolImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
+                    ffi::Result<ffi::AnyBuffer> r, int64_t window, int64_t stride, int64_t pad) {
+  const ffi::DataType type = x.element_type();
+  if (b.element_type() != type || r->element_type() != type ||
+      (type != ffi::DataType::F32 && type != ffi::DataType::F64))
+    return ffi::Error::InvalidArgument("max pool kernel: float32 or float64 operands of one type");
+  auto image = x.dimensions();
+  auto out = kind == PoolKind::kGather ? r->dimensions() : b.dimensions();
+  auto other = kind == PoolKind::kGather ? b.dimensions() : r->dimensions();
+  const int64_t rank = image.size();
+  if (rank < 4 || static_cast<int64_t>(out.size()) != rank ||
+      static_cast<int64_t>(other.size()) != rank)
+    return ffi::Error::InvalidArgument("max pool kernel: bad operand ranks");
+  Geometry g{};
+  g.B = 1, g.E = 1;
+  for (int64_t axis = 0; axis < rank; ++axis) {
+    if (other[axis] != image[axis] || (axis != rank - 3 && axis != rank - 2 && out[axis] != image[axis]))
+      return ffi::Error::InvalidArgument("max pool kernel: operand shapes do not agree");
+    if (axis < rank - 4) g.B *= image[axis];
+  }
+  g.N = image[rank - 4], g.H = image[rank - 3], g.W = image[rank - 2], g.C = image[rank - 1];
+  g.K = window, g.Ho = out[rank - 3], g.Wo = out[rank - 2], g.s = stride, g.p = pad, g.d = 1;
+  if (g.N > 0 && g.H * g.W * g.C >= (int64_t{1} << 31))
+    return ffi::Error::InvalidArgument("max pool kernel: an image of 2^31 elements or more");
+  if (pad >= window || (g.Ho - 1) * stride - pad >= g.H || (g.Wo - 1) * stride - pad >= g.W)
+    return ffi::Error::InvalidArgument("max pool kernel: a window lies outside the input");
+  if (type == ffi::DataType::F32)
+    Pool<kind>(pool, g, x.typed_data<float>(), b.typed_data<float>(), r->typed_data<float>());
+  else
+    Pool<kind>(pool, g, x.typed_data<double>(), b.typed_data<double>(), r->typed_data<double>());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define DW_BINDING                                                         \
+  ffi::Ffi::Bind()                                                         \
+      .Ctx<ffi::ThreadPool>()                                              \
+      .Arg<ffi::AnyBuffer>()                                               \
+      .Arg<ffi::AnyBuffer>()                                               \
+      .Ret<ffi::AnyBuffer>()                                               \
+      .Attr<int64_t>("stride")                                             \
+      .Attr<int64_t>("pad")                                                \
+      .Attr<int64_t>("dilation")                                           \
+      .Attr<int64_t>("shared")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseForward, Impl<Kind::kForward>, DW_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInputGrad, Impl<Kind::kInputGrad>, DW_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseKernelGrad, Impl<Kind::kKernelGrad>, DW_BINDING);
+
+#define POOL_BINDING                                                       \
+  ffi::Ffi::Bind()                                                         \
+      .Ctx<ffi::ThreadPool>()                                              \
+      .Arg<ffi::AnyBuffer>()                                               \
+      .Arg<ffi::AnyBuffer>()                                               \
+      .Ret<ffi::AnyBuffer>()                                               \
+      .Attr<int64_t>("window")                                             \
+      .Attr<int64_t>("stride")                                             \
+      .Attr<int64_t>("pad")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolGather, PoolImpl<PoolKind::kGather>, POOL_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolScatter, PoolImpl<PoolKind::kScatter>, POOL_BINDING);
