@@ -88,19 +88,23 @@ void ParallelImages(ffi::ThreadPool& pool, int64_t count, Make make_state,
 
 // Calls tap(in, out, k) for every tap of one image that reads inside the input:
 // `in` is the offset of input pixel (ih, iw), `out` of output pixel (oh, ow) and
-// `k` of kernel tap (i, j), each to be followed by C channels.
+// `k` of kernel tap (i, j), each to be followed by C channels. The output
+// columns whose tap j reads inside the input, ow in [lo, hi), are found once per
+// tap, so the innermost loops have no bounds checks.
 template <typename Tap>
 inline void ForEachTap(const Geometry& g, Tap tap) {
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     for (int64_t i = 0; i < g.K; ++i) {
       const int64_t ih = oh * g.s + i * g.d - g.p;
       if (ih < 0 || ih >= g.H) continue;
-      for (int64_t ow = 0; ow < g.Wo; ++ow) {
-        for (int64_t j = 0; j < g.K; ++j) {
-          const int64_t iw = ow * g.s + j * g.d - g.p;
-          if (iw < 0 || iw >= g.W) continue;
-          tap((ih * g.W + iw) * g.C, (oh * g.Wo + ow) * g.C, (i * g.K + j) * g.C);
-        }
+      for (int64_t j = 0; j < g.K; ++j) {
+        // iw = ow * s + j * d - p must lie in [0, W).
+        const int64_t shift = j * g.d - g.p;
+        const int64_t lo = shift >= 0 ? 0 : (-shift + g.s - 1) / g.s;
+        const int64_t hi = std::min<int64_t>(g.Wo, g.W - 1 - shift < 0 ? 0 : (g.W - 1 - shift) / g.s + 1);
+        const int64_t k = (i * g.K + j) * g.C;
+        for (int64_t ow = lo; ow < hi; ++ow)
+          tap((ih * g.W + ow * g.s + shift) * g.C, (oh * g.Wo + ow) * g.C, k);
       }
     }
   }
@@ -108,10 +112,23 @@ inline void ForEachTap(const Geometry& g, Tap tap) {
 
 // acc[c] += u[c] * v[c] over the channels: every kernel's inner loop. The
 // restrict-qualified parameters let the compiler vectorize it without alias checks.
+template <int64_t kChannels, typename T>
+inline void MultiplyAddFixed(T* __restrict acc, const T* __restrict u, const T* __restrict v) {
+  for (int64_t c = 0; c < kChannels; ++c) acc[c] += u[c] * v[c];
+}
+
 template <typename T>
 inline void MultiplyAdd(T* __restrict acc, const T* __restrict u, const T* __restrict v,
                         int64_t channels) {
-  for (int64_t c = 0; c < channels; ++c) acc[c] += u[c] * v[c];
+  // The supernet's channel counts, C, 2C and 4C for C = 16, get loops of known
+  // length (whole vector registers, no remainder); the branch always goes one way.
+  switch (channels) {
+    case 16: return MultiplyAddFixed<16>(acc, u, v);
+    case 32: return MultiplyAddFixed<32>(acc, u, v);
+    case 64: return MultiplyAddFixed<64>(acc, u, v);
+    default:
+      for (int64_t c = 0; c < channels; ++c) acc[c] += u[c] * v[c];
+  }
 }
 
 enum class Kind { kForward, kInputGrad, kKernelGrad };

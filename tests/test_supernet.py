@@ -136,6 +136,25 @@ def test_cpu_kernel_that_cannot_build_leaves_auto_on_pure_jax(monkeypatch, tmp_p
 
 
 @pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("channels", [16, 32, 64])
+def test_cpu_depthwise_at_the_channel_counts_with_fixed_length_loops(channels):
+  """cpu_kernels.cc has fixed-length inner loops for 16, 32 and 64 channels."""
+  assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+  kx, kk, kc = jax.random.split(jax.random.PRNGKey(channels), 3)
+  x = jax.random.normal(kx, (2, 6, 5, channels), jnp.float64)
+  ws = jax.random.normal(kk, (3, 3, 3, channels), jnp.float64)  # three edges
+  for stride in (1, 2):
+    edges = lambda f: lambda x, ws: jax.vmap(lambda w: f(x, w, stride, 1, 1))(ws)
+    out = jax.eval_shape(edges(ops.depthwise_conv_grouped), x, ws)
+    cot = jax.random.normal(kc, out.shape, jnp.float64)
+    loss = lambda f: lambda x, ws: jnp.sum(jnp.sin(edges(f)(x, ws)) * cot)
+    for fn in (cpu_kernels.depthwise_conv, cpu_kernels.depthwise_conv_edges):
+      for a, b in zip(jax.grad(loss(fn), (0, 1))(x, ws),
+                      jax.grad(loss(ops.depthwise_conv_grouped), (0, 1))(x, ws)):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("stride, size", [(1, 7), (2, 7), (2, 8)])
 def test_cpu_max_pool_equals_reduce_window_and_breaks_ties_like_pytorch(stride, size):
   assert cpu_kernels.available(), cpu_kernels.why_unavailable()
