@@ -131,6 +131,56 @@ inline void MultiplyAdd(T* __restrict acc, const T* __restrict u, const T* __res
   }
 }
 
+// One image's correlation with kChannels channels known at compile time, summed
+// over `edges` (input, kernel) pairs `edge_in` and `edge_k` apart:
+//   out[oh, ow] = sum_e sum_ij in_e[oh * s + i * d - p, ow * s + j * d - p] k_e[tap(i, j)]
+// with tap(i, j) = (i, j), or (K-1-i, K-1-j) when kFlip. Each output pixel sums
+// its taps in a local accumulator (registers) and is written once, where
+// ForEachTap's order loads and stores it once a tap. The forward convolution
+// is this with one edge; the input gradient at stride 1 is this on gy with the
+// flipped kernel and padding d * (K - 1) - p, summed over the edges.
+struct Window {
+  int64_t in_h, in_w, out_h, out_w, K, s, p, d;
+};
+
+template <int64_t kChannels, bool kFlip, typename T>
+void CorrelateImageFixed(const Window& g, int64_t edges, const T* in, int64_t edge_in,
+                         const T* k, int64_t edge_k, T* __restrict out) {
+  for (int64_t oh = 0; oh < g.out_h; ++oh) {
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      T acc[kChannels] = {};
+      for (int64_t e = 0; e < edges; ++e) {
+        for (int64_t i = 0; i < g.K; ++i) {
+          const int64_t ih = oh * g.s + i * g.d - g.p;
+          if (ih < 0 || ih >= g.in_h) continue;
+          for (int64_t j = 0; j < g.K; ++j) {
+            const int64_t iw = ow * g.s + j * g.d - g.p;
+            if (iw < 0 || iw >= g.in_w) continue;
+            const int64_t tap = kFlip ? (g.K - 1 - i) * g.K + (g.K - 1 - j) : i * g.K + j;
+            const T* __restrict xv = in + e * edge_in + (ih * g.in_w + iw) * kChannels;
+            const T* __restrict kv = k + e * edge_k + tap * kChannels;
+            for (int64_t c = 0; c < kChannels; ++c) acc[c] += xv[c] * kv[c];
+          }
+        }
+      }
+      T* __restrict yv = out + (oh * g.out_w + ow) * kChannels;
+      for (int64_t c = 0; c < kChannels; ++c) yv[c] = acc[c];
+    }
+  }
+}
+
+// CorrelateImageFixed for the channel counts that have it; false for others.
+template <bool kFlip, typename T>
+bool CorrelateImage(int64_t channels, const Window& g, int64_t edges, const T* in,
+                    int64_t edge_in, const T* k, int64_t edge_k, T* out) {
+  switch (channels) {
+    case 16: CorrelateImageFixed<16, kFlip>(g, edges, in, edge_in, k, edge_k, out); return true;
+    case 32: CorrelateImageFixed<32, kFlip>(g, edges, in, edge_in, k, edge_k, out); return true;
+    case 64: CorrelateImageFixed<64, kFlip>(g, edges, in, edge_in, k, edge_k, out); return true;
+    default: return false;
+  }
+}
+
 enum class Kind { kForward, kInputGrad, kKernelGrad };
 
 struct Empty {};
@@ -146,6 +196,8 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const T* a, const T* b, T
   const int64_t in_image = g.H * g.W * g.C, out_image = g.Ho * g.Wo * g.C;
   const int64_t kernel = g.K * g.K * g.C, C = g.C, EN = g.E * g.N;
   auto x_image = [&](int64_t i) { return (i / EN * g.N + i % g.N) * in_image; };
+  const Window forward{g.H, g.W, g.Ho, g.Wo, g.K, g.s, g.p, g.d};
+  const Window transposed{g.Ho, g.Wo, g.H, g.W, g.K, 1, g.d * (g.K - 1) - g.p, g.d};  // stride 1
   if constexpr (kind == Kind::kKernelGrad) {
     const int64_t kernels = g.B * g.E;
     std::fill(r, r + kernels * kernel, T(0));
@@ -170,6 +222,7 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const T* a, const T* b, T
           const T* x = a + x_image(image);
           const T* k = b + (image / g.N) * kernel;
           T* y = r + image * out_image;
+          if (CorrelateImage<false>(C, forward, 1, x, 0, k, 0, y)) return;
           std::memset(y, 0, sizeof(T) * out_image);
           ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
             MultiplyAdd(y + out, x + in, k + tap, C);
@@ -182,6 +235,9 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const T* a, const T* b, T
         [&](int64_t image, Empty&) {
           const int64_t batch = image / g.N, n = image % g.N;
           T* dx = r + image * in_image;
+          if (g.s == 1 && CorrelateImage<true>(C, transposed, g.E, a + (batch * EN + n) * out_image,
+                                               g.N * out_image, b + batch * g.E * kernel, kernel, dx))
+            return;
           std::memset(dx, 0, sizeof(T) * in_image);
           for (int64_t e = 0; e < g.E; ++e) {
             const int64_t edge = batch * g.E + e;

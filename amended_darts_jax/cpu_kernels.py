@@ -54,7 +54,7 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _TARGETS = {"forward": "DepthwiseForward", "input_grad": "DepthwiseInputGrad",
             "kernel_grad": "DepthwiseKernelGrad", "max_gather": "MaxPoolGather",
             "max_scatter": "MaxPoolScatter"}
-_PREFIX = "amended_darts_depthwise_"
+_PREFIX = "amended_darts_cpu_"
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str once tried
@@ -174,10 +174,10 @@ def _bilinear(fn):
 def _forward(x, k, stride, pad, dilation, shape, shared):
   del shape
   from amended_darts_jax.ops import out_size  # here: ops imports this module
-  n, h, w, c = x.shape[-4:]
+  n, h, w, c = x.shape
   kk = k.shape[-2]
-  edges = k.shape[-4:-3] if shared else ()
-  return _call("forward", (*x.shape[:-4], *edges, n, out_size(h, kk, stride, pad, dilation),
+  edges = k.shape[:1] if shared else ()  # k is (E, k, k, C) when shared, else (k, k, C)
+  return _call("forward", (*edges, n, out_size(h, kk, stride, pad, dilation),
                            out_size(w, kk, stride, pad, dilation), c), x.dtype,
                x, k, stride, pad, dilation, shared)
 
@@ -231,11 +231,10 @@ def _edge_conv(stride: int, pad: int, dilation: int):
     x_batched, kernel_batched = in_batched
     if kernel_batched and not x_batched:
       return depthwise_conv_shared(x, kernel, stride, pad, dilation), True
-    if not x_batched:
-      x = jnp.broadcast_to(x, (axis_size, *x.shape))
-    if not kernel_batched:
-      kernel = jnp.broadcast_to(kernel, (axis_size, *kernel.shape))
-    return jax.vmap(lambda a, b: depthwise_conv(a, b, stride, pad, dilation))(x, kernel), True
+    del axis_size
+    return jax.vmap(lambda a, b: depthwise_conv(a, b, stride, pad, dilation),
+                    in_axes=(0 if x_batched else None, 0 if kernel_batched else None))(
+                        x, kernel), True
 
   return conv
 

@@ -137,14 +137,17 @@ def test_cpu_kernel_that_cannot_build_leaves_auto_on_pure_jax(monkeypatch, tmp_p
 
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("channels", [16, 32, 64])
-def test_cpu_depthwise_at_the_channel_counts_with_fixed_length_loops(channels):
-  """cpu_kernels.cc has fixed-length inner loops for 16, 32 and 64 channels."""
+def test_cpu_depthwise_at_16_32_and_64_channels(channels):
+  """cpu_kernels.cc has its own loops for 16, 32 and 64 channels (a fixed length, and
+  register accumulators for the forward pass and the stride-1 input gradient)."""
   assert cpu_kernels.available(), cpu_kernels.why_unavailable()
   kx, kk, kc = jax.random.split(jax.random.PRNGKey(channels), 3)
   x = jax.random.normal(kx, (2, 6, 5, channels), jnp.float64)
   ws = jax.random.normal(kk, (3, 3, 3, channels), jnp.float64)  # three edges
-  for stride in (1, 2):
-    edges = lambda f: lambda x, ws: jax.vmap(lambda w: f(x, w, stride, 1, 1))(ws)
+  ws5 = jax.random.normal(kk, (3, 5, 5, channels), jnp.float64)
+  for stride, pad, dilation, ws in ((1, 1, 1, ws), (2, 1, 1, ws), (1, 2, 2, ws), (1, 2, 1, ws5),
+                                    (2, 4, 2, ws5)):
+    edges = lambda f: lambda x, ws: jax.vmap(lambda w: f(x, w, stride, pad, dilation))(ws)
     out = jax.eval_shape(edges(ops.depthwise_conv_grouped), x, ws)
     cot = jax.random.normal(kc, out.shape, jnp.float64)
     loss = lambda f: lambda x, ws: jnp.sum(jnp.sin(edges(f)(x, ws)) * cot)
@@ -199,8 +202,9 @@ def test_supernet_through_the_cpu_kernel_equals_grouped_conv_to_second_order():
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1), jnp.float64)
   batch = {"image": x, "label": jnp.array([0, 1, 2, 1])}
 
-  def products(impl):
-    model = supernet.Supernet("darts", C=2, layers=1, num_classes=3, depthwise_impl=impl)
+  def products(impl, remat=False):
+    model = supernet.Supernet("darts", C=2, layers=1, num_classes=3, depthwise_impl=impl,
+                              remat=remat)
     alpha = jax.tree.map(lambda a: a.astype(jnp.float64),
                          model.init_alpha(jax.random.PRNGKey(1)))
     variables = ops.init_variables(model, 2, x, alpha, train=False)
@@ -221,10 +225,13 @@ def test_supernet_through_the_cpu_kernel_equals_grouped_conv_to_second_order():
         params, alpha, batch, v)
     return grads, g2p
 
-  got, ref = products("kernel"), products("conv")
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-    assert a.dtype == jnp.float64
-    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  ref = products("conv")
+  # The edge groups' shared-input kernel call sits under nn.vmap, inside
+  # jax.checkpoint as well when cells are rematerialized.
+  for got in (products("kernel"), products("kernel", remat=True)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      assert a.dtype == jnp.float64
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
   assert float(hg.tree_norm(got[1])) > 1e-6  # the amended term is not trivially zero
 
 
