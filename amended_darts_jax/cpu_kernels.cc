@@ -32,6 +32,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -86,6 +87,13 @@ void ParallelImages(ffi::ThreadPool& pool, int64_t count, Make make_state,
   shared->cv.wait(lock, [&] { return shared->done == count; });
 }
 
+// The output columns [lo, hi) whose input column ow * s + shift lies in [0, W).
+inline std::pair<int64_t, int64_t> Columns(const Geometry& g, int64_t shift) {
+  const int64_t lo = shift >= 0 ? 0 : (-shift + g.s - 1) / g.s;
+  const int64_t hi = g.W - 1 - shift < 0 ? 0 : std::min<int64_t>(g.Wo, (g.W - 1 - shift) / g.s + 1);
+  return {lo, hi};
+}
+
 // Calls tap(in, out, k) for every tap of one image that reads inside the input:
 // `in` is the offset of input pixel (ih, iw), `out` of output pixel (oh, ow) and
 // `k` of kernel tap (i, j), each to be followed by C channels. The output
@@ -98,10 +106,8 @@ inline void ForEachTap(const Geometry& g, Tap tap) {
       const int64_t ih = oh * g.s + i * g.d - g.p;
       if (ih < 0 || ih >= g.H) continue;
       for (int64_t j = 0; j < g.K; ++j) {
-        // iw = ow * s + j * d - p must lie in [0, W).
         const int64_t shift = j * g.d - g.p;
-        const int64_t lo = shift >= 0 ? 0 : (-shift + g.s - 1) / g.s;
-        const int64_t hi = std::min<int64_t>(g.Wo, g.W - 1 - shift < 0 ? 0 : (g.W - 1 - shift) / g.s + 1);
+        const auto [lo, hi] = Columns(g, shift);
         const int64_t k = (i * g.K + j) * g.C;
         for (int64_t ow = lo; ow < hi; ++ow)
           tap((ih * g.W + ow * g.s + shift) * g.C, (oh * g.Wo + ow) * g.C, k);
@@ -181,6 +187,43 @@ bool CorrelateImage(int64_t channels, const Window& g, int64_t edges, const T* i
   }
 }
 
+// One image's kernel gradient with kChannels channels known at compile time,
+// added to dk: for each output row and tap, the products along the row are
+// summed in a local accumulator (registers) and added to dk once, where
+// ForEachTap's order loads and stores dk[tap] once a pixel.
+template <int64_t kChannels, typename T>
+void KernelGradImageFixed(const Geometry& g, const T* x, const T* gy, T* __restrict dk) {
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    for (int64_t i = 0; i < g.K; ++i) {
+      const int64_t ih = oh * g.s + i * g.d - g.p;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t j = 0; j < g.K; ++j) {
+        const int64_t shift = j * g.d - g.p;
+        const auto [lo, hi] = Columns(g, shift);
+        T acc[kChannels] = {};
+        for (int64_t ow = lo; ow < hi; ++ow) {
+          const T* __restrict xv = x + (ih * g.W + ow * g.s + shift) * kChannels;
+          const T* __restrict gv = gy + (oh * g.Wo + ow) * kChannels;
+          for (int64_t c = 0; c < kChannels; ++c) acc[c] += xv[c] * gv[c];
+        }
+        T* __restrict kv = dk + (i * g.K + j) * kChannels;
+        for (int64_t c = 0; c < kChannels; ++c) kv[c] += acc[c];
+      }
+    }
+  }
+}
+
+// KernelGradImageFixed for the channel counts that have it; false for others.
+template <typename T>
+bool KernelGradImage(const Geometry& g, const T* x, const T* gy, T* dk) {
+  switch (g.C) {
+    case 16: KernelGradImageFixed<16>(g, x, gy, dk); return true;
+    case 32: KernelGradImageFixed<32>(g, x, gy, dk); return true;
+    case 64: KernelGradImageFixed<64>(g, x, gy, dk); return true;
+    default: return false;
+  }
+}
+
 enum class Kind { kForward, kInputGrad, kKernelGrad };
 
 struct Empty {};
@@ -208,6 +251,7 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const T* a, const T* b, T
           const T* x = a + x_image(image);
           const T* gy = b + image * out_image;
           T* dk = acc.data() + (image / g.N) * kernel;
+          if (KernelGradImage(g, x, gy, dk)) return;
           ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
             MultiplyAdd(dk + tap, x + in, gy + out, C);
           });
