@@ -32,6 +32,8 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -123,18 +125,26 @@ inline void MultiplyAddFixed(T* __restrict acc, const T* __restrict u, const T* 
   for (int64_t c = 0; c < kChannels; ++c) acc[c] += u[c] * v[c];
 }
 
+// Calls f(std::integral_constant<int64_t, channels>{}) and returns true where
+// `channels` is one of the supernet's channel counts, C, 2C and 4C for C = 16,
+// which get loops of known length (whole vector registers, no remainder);
+// returns false for any other count. The branch always goes one way.
+template <typename F>
+inline bool WithFixedChannels(int64_t channels, F f) {
+  switch (channels) {
+    case 16: f(std::integral_constant<int64_t, 16>{}); return true;
+    case 32: f(std::integral_constant<int64_t, 32>{}); return true;
+    case 64: f(std::integral_constant<int64_t, 64>{}); return true;
+    default: return false;
+  }
+}
+
 template <typename T>
 inline void MultiplyAdd(T* __restrict acc, const T* __restrict u, const T* __restrict v,
                         int64_t channels) {
-  // The supernet's channel counts, C, 2C and 4C for C = 16, get loops of known
-  // length (whole vector registers, no remainder); the branch always goes one way.
-  switch (channels) {
-    case 16: return MultiplyAddFixed<16>(acc, u, v);
-    case 32: return MultiplyAddFixed<32>(acc, u, v);
-    case 64: return MultiplyAddFixed<64>(acc, u, v);
-    default:
-      for (int64_t c = 0; c < channels; ++c) acc[c] += u[c] * v[c];
-  }
+  if (WithFixedChannels(channels, [&](auto fixed) { MultiplyAddFixed<fixed()>(acc, u, v); }))
+    return;
+  for (int64_t c = 0; c < channels; ++c) acc[c] += u[c] * v[c];
 }
 
 // One image's correlation with kChannels channels known at compile time, summed
@@ -179,12 +189,9 @@ void CorrelateImageFixed(const Window& g, int64_t edges, const T* in, int64_t ed
 template <bool kFlip, typename T>
 bool CorrelateImage(int64_t channels, const Window& g, int64_t edges, const T* in,
                     int64_t edge_in, const T* k, int64_t edge_k, T* out) {
-  switch (channels) {
-    case 16: CorrelateImageFixed<16, kFlip>(g, edges, in, edge_in, k, edge_k, out); return true;
-    case 32: CorrelateImageFixed<32, kFlip>(g, edges, in, edge_in, k, edge_k, out); return true;
-    case 64: CorrelateImageFixed<64, kFlip>(g, edges, in, edge_in, k, edge_k, out); return true;
-    default: return false;
-  }
+  return WithFixedChannels(channels, [&](auto fixed) {
+    CorrelateImageFixed<fixed(), kFlip>(g, edges, in, edge_in, k, edge_k, out);
+  });
 }
 
 // One image's kernel gradient with kChannels channels known at compile time,
@@ -216,12 +223,27 @@ void KernelGradImageFixed(const Geometry& g, const T* x, const T* gy, T* __restr
 // KernelGradImageFixed for the channel counts that have it; false for others.
 template <typename T>
 bool KernelGradImage(const Geometry& g, const T* x, const T* gy, T* dk) {
-  switch (g.C) {
-    case 16: KernelGradImageFixed<16>(g, x, gy, dk); return true;
-    case 32: KernelGradImageFixed<32>(g, x, gy, dk); return true;
-    case 64: KernelGradImageFixed<64>(g, x, gy, dk); return true;
-    default: return false;
-  }
+  return WithFixedChannels(g.C, [&](auto fixed) { KernelGradImageFixed<fixed()>(g, x, gy, dk); });
+}
+
+// The custom calls take float32 or float64 operands, all of one type.
+ffi::Error CheckTypes(const char* kernel, const ffi::AnyBuffer& a, const ffi::AnyBuffer& b,
+                      const ffi::AnyBuffer& r) {
+  const ffi::DataType type = a.element_type();
+  if (b.element_type() != type || r.element_type() != type ||
+      (type != ffi::DataType::F32 && type != ffi::DataType::F64))
+    return ffi::Error::InvalidArgument(std::string(kernel) +
+                                       ": float32 or float64 operands of one type");
+  return ffi::Error::Success();
+}
+
+// run(a, b, r) on the typed data of operands that passed CheckTypes.
+template <typename Run>
+void ByType(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> r, Run run) {
+  if (a.element_type() == ffi::DataType::F32)
+    run(a.typed_data<float>(), b.typed_data<float>(), r->typed_data<float>());
+  else
+    run(a.typed_data<double>(), b.typed_data<double>(), r->typed_data<double>());
 }
 
 enum class Kind { kForward, kInputGrad, kKernelGrad };
@@ -300,10 +322,7 @@ template <Kind kind>
 ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                 ffi::Result<ffi::AnyBuffer> r, int64_t stride, int64_t pad, int64_t dilation,
                 int64_t shared) {
-  const ffi::DataType type = a.element_type();
-  if (b.element_type() != type || r->element_type() != type ||
-      (type != ffi::DataType::F32 && type != ffi::DataType::F64))
-    return ffi::Error::InvalidArgument("depthwise kernel: float32 or float64 operands of one type");
+  if (auto error = CheckTypes("depthwise kernel", a, b, *r); error.failure()) return error;
   // Which operand is shaped like the input [..., N, H, W, C], like the kernel
   // [..., (E,) K, K, C] and like the output [..., (E,) N, Ho, Wo, C].
   auto image = kind == Kind::kInputGrad ? r->dimensions() : a.dimensions();
@@ -329,11 +348,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   if (kernel[kc + 1] != g.K || kernel[kc + 2] != g.C || out[kc + 3] != g.C || out[kc] != g.N ||
       (shared && out[rank - 4] != g.E))
     return ffi::Error::InvalidArgument("depthwise kernel: operand shapes do not agree");
-  if (type == ffi::DataType::F32)
-    Compute<kind>(pool, g, a.typed_data<float>(), b.typed_data<float>(), r->typed_data<float>());
-  else
-    Compute<kind>(pool, g, a.typed_data<double>(), b.typed_data<double>(),
-                  r->typed_data<double>());
+  ByType(a, b, r, [&](auto* ta, auto* tb, auto* tr) { Compute<kind>(pool, g, ta, tb, tr); });
   return ffi::Error::Success();
 }
 
@@ -404,10 +419,7 @@ void Pool(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* b, T* r
 template <PoolKind kind>
 ffi::Error PoolImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
                     ffi::Result<ffi::AnyBuffer> r, int64_t window, int64_t stride, int64_t pad) {
-  const ffi::DataType type = x.element_type();
-  if (b.element_type() != type || r->element_type() != type ||
-      (type != ffi::DataType::F32 && type != ffi::DataType::F64))
-    return ffi::Error::InvalidArgument("max pool kernel: float32 or float64 operands of one type");
+  if (auto error = CheckTypes("max pool kernel", x, b, *r); error.failure()) return error;
   auto image = x.dimensions();
   auto out = kind == PoolKind::kGather ? r->dimensions() : b.dimensions();
   auto other = kind == PoolKind::kGather ? b.dimensions() : r->dimensions();
@@ -428,21 +440,22 @@ ffi::Error PoolImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
     return ffi::Error::InvalidArgument("max pool kernel: an image of 2^31 elements or more");
   if (pad >= window || (g.Ho - 1) * stride - pad >= g.H || (g.Wo - 1) * stride - pad >= g.W)
     return ffi::Error::InvalidArgument("max pool kernel: a window lies outside the input");
-  if (type == ffi::DataType::F32)
-    Pool<kind>(pool, g, x.typed_data<float>(), b.typed_data<float>(), r->typed_data<float>());
-  else
-    Pool<kind>(pool, g, x.typed_data<double>(), b.typed_data<double>(), r->typed_data<double>());
+  ByType(x, b, r, [&](auto* tx, auto* tb, auto* tr) { Pool<kind>(pool, g, tx, tb, tr); });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-#define DW_BINDING                                                         \
+// Every custom call: XLA's thread pool, two operands, one result, then attributes.
+#define TWO_OPERANDS_BINDING                                               \
   ffi::Ffi::Bind()                                                         \
       .Ctx<ffi::ThreadPool>()                                              \
       .Arg<ffi::AnyBuffer>()                                               \
       .Arg<ffi::AnyBuffer>()                                               \
-      .Ret<ffi::AnyBuffer>()                                               \
+      .Ret<ffi::AnyBuffer>()
+
+#define DW_BINDING                                                         \
+  TWO_OPERANDS_BINDING                                                     \
       .Attr<int64_t>("stride")                                             \
       .Attr<int64_t>("pad")                                                \
       .Attr<int64_t>("dilation")                                           \
@@ -453,11 +466,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInputGrad, Impl<Kind::kInputGrad>, DW_BIN
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseKernelGrad, Impl<Kind::kKernelGrad>, DW_BINDING);
 
 #define POOL_BINDING                                                       \
-  ffi::Ffi::Bind()                                                         \
-      .Ctx<ffi::ThreadPool>()                                              \
-      .Arg<ffi::AnyBuffer>()                                               \
-      .Arg<ffi::AnyBuffer>()                                               \
-      .Ret<ffi::AnyBuffer>()                                               \
+  TWO_OPERANDS_BINDING                                                     \
       .Attr<int64_t>("window")                                             \
       .Attr<int64_t>("stride")                                             \
       .Attr<int64_t>("pad")

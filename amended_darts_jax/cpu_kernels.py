@@ -140,11 +140,16 @@ def supports(dtype) -> bool:
   return np.dtype(dtype) in DTYPES
 
 
-def _call(short, shape, dtype, a, b, stride, pad, dilation, shared):
+def _ffi(short, shape, dtype, a, b, **attributes):
+  """One custom call of cpu_kernels.cc on two operands, its integer attributes as int64."""
   return jax.ffi.ffi_call(_PREFIX + short, jax.ShapeDtypeStruct(shape, dtype),
                           vmap_method="broadcast_all")(
-      a, b, stride=np.int64(stride), pad=np.int64(pad), dilation=np.int64(dilation),
-      shared=np.int64(shared))
+      a, b, **{name: np.int64(value) for name, value in attributes.items()})
+
+
+def _call(short, shape, dtype, a, b, stride, pad, dilation, shared):
+  return _ffi(short, shape, dtype, a, b, stride=stride, pad=pad, dilation=dilation,
+              shared=shared)
 
 
 # The three bilinear kernels. Each takes its geometry as static arguments
@@ -256,12 +261,6 @@ def depthwise_conv_edges(x_NHWC, kernel_KKC, stride, pad, dilation):
 # everywhere, have no derivative in x: each is a custom_jvp whose tangent is a
 # call of itself on the second operand's tangent.
 
-def _pool_call(short, shape, dtype, x, b, window, stride, pad):
-  return jax.ffi.ffi_call(_PREFIX + short, jax.ShapeDtypeStruct(shape, dtype),
-                          vmap_method="broadcast_all")(
-      x, b, window=np.int64(window), stride=np.int64(stride), pad=np.int64(pad))
-
-
 def _linear_in_second(fn):
   fn = jax.custom_jvp(fn, nondiff_argnums=(2, 3, 4))
   fn.defjvp(lambda window, stride, pad, primals, tangents: (
@@ -274,12 +273,12 @@ def _max_gather(x, t, window, stride, pad):
   from amended_darts_jax.ops import out_size  # here: ops imports this module
   n, h, w, c = x.shape
   shape = (n, out_size(h, window, stride, pad), out_size(w, window, stride, pad), c)
-  return _pool_call("max_gather", shape, x.dtype, x, t, window, stride, pad)
+  return _ffi("max_gather", shape, x.dtype, x, t, window=window, stride=stride, pad=pad)
 
 
 @_linear_in_second
 def _max_scatter(x, g, window, stride, pad):
-  return _pool_call("max_scatter", x.shape, x.dtype, x, g, window, stride, pad)
+  return _ffi("max_scatter", x.shape, x.dtype, x, g, window=window, stride=stride, pad=pad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
