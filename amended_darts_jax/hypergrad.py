@@ -12,8 +12,10 @@ and the three approximations of g2:
     DARTS second order:     g2'' = -xi  M v',   v' = dLv/dw at w' = w - xi dLt/dw
     implicit:               g2   = -M (H + lambda I)^-1 v   by conjugate gradient
 
-Exact products are forward-over-reverse (`jax.jvp` of `jax.grad`); the finite
-differences are the central ones DARTS uses, kept so the two can be compared.
+Exact products are forward-over-reverse (`jax.jvp` of `jax.grad`; a chain of
+them at one point, as in the amended and implicit terms, linearizes `jax.grad`
+once and evaluates its tangent map per product); the finite differences are the
+central ones DARTS uses, kept so the two can be compared.
 
 A loss may return `(loss, aux)` when called with `has_aux=True`; aux (new batch
 norm statistics, logits) is taken from the evaluation at the unperturbed point.
@@ -160,6 +162,21 @@ def mixed_vp(loss_fn, omega, alpha, batch, u, *, has_aux=False):
   return mu
 
 
+def linearized_grad(loss_fn, omega, alpha, batch, *, has_aux=False):
+  """`(dL/dw, tangent, (L, aux))` with `tangent(u) = (H u, M u)`, exact.
+
+  `jax.linearize` of grad over (w, a) at omega: the forward and backward pass
+  run once, and each call of `tangent` is a forward-over-reverse pass without
+  its primal. A chain of products at one point (H v then M H v; the CG
+  iterations and the final M x) pays for the primal once instead of once per
+  product; an unused half of `tangent`'s result is dead code to XLA. The
+  residuals stay in memory for as long as `tangent` is used.
+  """
+  (g_w, _), tangent, loss_aux = jax.linearize(_grad(loss_fn, alpha, batch, has_aux, (0, 1)),
+                                              omega, has_aux=True)
+  return g_w, tangent, loss_aux
+
+
 # ----------------------------------------------------------------------------
 # Central finite differences (DARTS' rule e = r / |v|).
 # ----------------------------------------------------------------------------
@@ -211,13 +228,15 @@ def _amended(loss_fn, omega, alpha, batch, v, *, eta, weight_decay, products, r,
   """g2' and, for exact products, the training gradient and (Lt, aux) at omega."""
   _check_products(products)
   if products == "exact":
-    # One jvp gives dLt/dw (its primal; the weight step reuses it) and (H + wd I) v,
-    # a second one M u. Linearizing once and evaluating the tangent map twice
-    # saves the second forward pass but measured no faster
-    # (experiments/profile_step.py, BUILD_NOTES.md).
-    g_w, u, loss_aux = grad_and_hvp(loss_fn, omega, alpha, batch, v,
-                                    weight_decay=weight_decay, has_aux=has_aux)
-    mu = mixed_vp(loss_fn, omega, alpha, batch, u, has_aux=has_aux)
+    # One linearization gives dLt/dw (its primal; the weight step reuses it), then
+    # its tangent map (H + wd I) v and M u. Two separate jvps (grad_and_hvp, then
+    # mixed_vp) would repeat the primal pass; at darts_5 they measured 1.34x
+    # slower, with 23% more XLA temporaries (BUILD_NOTES.md).
+    g_w, tangent, loss_aux = linearized_grad(loss_fn, omega, alpha, batch, has_aux=has_aux)
+    u = tangent(v)[0]
+    if not _is_static_zero(weight_decay):
+      u = tree_axpy(weight_decay, v, u)  # (H + wd I) v
+    mu = tangent(u)[1]
   else:
     g_w, loss_aux = None, None
     u = hvp_fd(loss_fn, omega, alpha, batch, v, weight_decay=weight_decay, r=r,
@@ -302,13 +321,16 @@ def _implicit(loss_fn, omega, alpha, batch, v, *, weight_decay, damping, maxiter
               has_aux):
   """g2, CG info, and the training gradient and (Lt, aux) at omega."""
   shift = weight_decay + damping
-  matvec = lambda p: hvp(loss_fn, omega, alpha, batch, p, weight_decay=shift,
-                         has_aux=has_aux)
+  # Linearized once: every CG iteration and the final M x evaluate the tangent
+  # map only, and its primal is dLt/dw.
+  g_w, tangent, loss_aux = linearized_grad(loss_fn, omega, alpha, batch, has_aux=has_aux)
+
+  def matvec(p):
+    hp = tangent(p)[0]
+    return hp if _is_static_zero(shift) else tree_axpy(shift, p, hp)
+
   x, info = conjugate_gradient(matvec, v, maxiter=maxiter, tol=tol)
-  # One jvp of grad over (w, a) along x gives M x and, as its primal, dLt/dw.
-  (g_w, _), (_, mx), loss_aux = jax.jvp(_grad(loss_fn, alpha, batch, has_aux, (0, 1)),
-                                        (omega,), (x,), has_aux=True)
-  return tree_scale(-1.0, mx), info, g_w, loss_aux
+  return tree_scale(-1.0, tangent(x)[1]), info, g_w, loss_aux
 
 
 # ----------------------------------------------------------------------------

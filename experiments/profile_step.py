@@ -14,10 +14,10 @@ forward+backward (`grad_w`). Parts:
   grad_a          dLv/da alone
   jvp_grad_w      dLt/dw and (H + wd I) v in one jvp
   jvp_grad_a      M u in one jvp
-  amended_2jvp    the amended term as the library computes it, two jvps (dLt/dw
-                  and H v, then M H v)
-  amended_linear  the same by one `jax.linearize` of grad(Lt) over (w, a) and two
-                  evaluations of its tangent map (an alternative, not used)
+  amended_2jvp    the amended term by two jvps, dLt/dw and H v, then M H v (an
+                  alternative, not used: it repeats the primal pass)
+  amended_linear  the same as the library computes it, one `jax.linearize` of
+                  grad(Lt) over (w, a) and two evaluations of its tangent map
   amended_fd      the amended term by central differences, plus dLt/dw
   step_first_order, step_amended_exact, step_amended_fd: whole search steps
 
@@ -75,16 +75,15 @@ def _parts(sc, cfg):
   def v_of(w, a, val):
     return jax.grad(plain)(w, a, val)
 
-  def two_jvps(w, a, t, val):  # what the library does (hypergrad.arch_gradient, amended)
+  def two_jvps(w, a, t, val):  # the alternative: each product its own jvp
     g_w, u, _ = hg.grad_and_hvp(plain, w, a, t, v_of(w, a, val), weight_decay=wd)
     return g_w, hg.tree_scale(-eta, hg.mixed_vp(plain, w, a, t, u))
 
-  def linearized(w, a, t, val):  # the alternative: one linearization, two tangent maps
-    grad_wa = lambda w_: jax.grad(plain, (0, 1))(w_, a, t)
-    (g_w, _), tangent_map = jax.linearize(grad_wa, w)
+  def linearized(w, a, t, val):  # what the library does (hypergrad.arch_gradient, amended)
+    g_w, tangent, _ = hg.linearized_grad(plain, w, a, t)
     v = v_of(w, a, val)
-    u = hg.tree_axpy(wd, v, tangent_map(v)[0])
-    return g_w, hg.tree_scale(-eta, tangent_map(u)[1])
+    u = hg.tree_axpy(wd, v, tangent(v)[0])
+    return g_w, hg.tree_scale(-eta, tangent(u)[1])
 
   def fd(w, a, t, val):
     g2 = hg.amended_term(plain, w, a, t, v_of(w, a, val), eta=eta, weight_decay=wd,
