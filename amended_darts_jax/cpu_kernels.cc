@@ -96,13 +96,13 @@ inline std::pair<int64_t, int64_t> Columns(const Geometry& g, int64_t shift) {
   return {lo, hi};
 }
 
-// Calls tap(in, out, k) for every tap of one image that reads inside the input:
-// `in` is the offset of input pixel (ih, iw), `out` of output pixel (oh, ow) and
-// `k` of kernel tap (i, j), each to be followed by C channels. The output
-// columns whose tap j reads inside the input, ow in [lo, hi), are found once per
-// tap, so the innermost loops have no bounds checks.
-template <typename Tap>
-inline void ForEachTap(const Geometry& g, Tap tap) {
+// Calls run(ih, oh, shift, t, lo, hi) for every output row oh and kernel tap t =
+// (i, j) of one image whose input row ih is inside the input: the tap reads
+// input column ow * s + shift for output column ow, and the output columns it
+// reads inside the input, ow in [lo, hi), are found once per row and tap, so
+// the loops over them need no bounds checks.
+template <typename Run>
+inline void ForEachTapRow(const Geometry& g, Run run) {
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     for (int64_t i = 0; i < g.K; ++i) {
       const int64_t ih = oh * g.s + i * g.d - g.p;
@@ -110,12 +110,22 @@ inline void ForEachTap(const Geometry& g, Tap tap) {
       for (int64_t j = 0; j < g.K; ++j) {
         const int64_t shift = j * g.d - g.p;
         const auto [lo, hi] = Columns(g, shift);
-        const int64_t k = (i * g.K + j) * g.C;
-        for (int64_t ow = lo; ow < hi; ++ow)
-          tap((ih * g.W + ow * g.s + shift) * g.C, (oh * g.Wo + ow) * g.C, k);
+        run(ih, oh, shift, i * g.K + j, lo, hi);
       }
     }
   }
+}
+
+// Calls tap(in, out, k) for every tap of one image that reads inside the input:
+// `in` is the offset of input pixel (ih, iw), `out` of output pixel (oh, ow) and
+// `k` of kernel tap (i, j), each to be followed by C channels.
+template <typename Tap>
+inline void ForEachTap(const Geometry& g, Tap tap) {
+  ForEachTapRow(g, [&](int64_t ih, int64_t oh, int64_t shift, int64_t t, int64_t lo,
+                       int64_t hi) {
+    for (int64_t ow = lo; ow < hi; ++ow)
+      tap((ih * g.W + ow * g.s + shift) * g.C, (oh * g.Wo + ow) * g.C, t * g.C);
+  });
 }
 
 // acc[c] += u[c] * v[c] over the channels: every kernel's inner loop. The
@@ -200,24 +210,17 @@ bool CorrelateImage(int64_t channels, const Window& g, int64_t edges, const T* i
 // ForEachTap's order loads and stores dk[tap] once a pixel.
 template <int64_t kChannels, typename T>
 void KernelGradImageFixed(const Geometry& g, const T* x, const T* gy, T* __restrict dk) {
-  for (int64_t oh = 0; oh < g.Ho; ++oh) {
-    for (int64_t i = 0; i < g.K; ++i) {
-      const int64_t ih = oh * g.s + i * g.d - g.p;
-      if (ih < 0 || ih >= g.H) continue;
-      for (int64_t j = 0; j < g.K; ++j) {
-        const int64_t shift = j * g.d - g.p;
-        const auto [lo, hi] = Columns(g, shift);
-        T acc[kChannels] = {};
-        for (int64_t ow = lo; ow < hi; ++ow) {
-          const T* __restrict xv = x + (ih * g.W + ow * g.s + shift) * kChannels;
-          const T* __restrict gv = gy + (oh * g.Wo + ow) * kChannels;
-          for (int64_t c = 0; c < kChannels; ++c) acc[c] += xv[c] * gv[c];
-        }
-        T* __restrict kv = dk + (i * g.K + j) * kChannels;
-        for (int64_t c = 0; c < kChannels; ++c) kv[c] += acc[c];
-      }
+  ForEachTapRow(g, [&](int64_t ih, int64_t oh, int64_t shift, int64_t t, int64_t lo,
+                       int64_t hi) {
+    T acc[kChannels] = {};
+    for (int64_t ow = lo; ow < hi; ++ow) {
+      const T* __restrict xv = x + (ih * g.W + ow * g.s + shift) * kChannels;
+      const T* __restrict gv = gy + (oh * g.Wo + ow) * kChannels;
+      for (int64_t c = 0; c < kChannels; ++c) acc[c] += xv[c] * gv[c];
     }
-  }
+    T* __restrict kv = dk + t * kChannels;
+    for (int64_t c = 0; c < kChannels; ++c) kv[c] += acc[c];
+  });
 }
 
 // KernelGradImageFixed for the channel counts that have it; false for others.
