@@ -90,6 +90,11 @@ def _is_static_zero(x) -> bool:
   return isinstance(x, (int, float)) and x == 0
 
 
+def _plus_shift(hp: PyTree, shift, p: PyTree) -> PyTree:
+  """hp + shift p: (H + shift I) p from H p. A Python 0 shift adds nothing."""
+  return hp if _is_static_zero(shift) else tree_axpy(shift, p, hp)
+
+
 def _tree_dtype(a: PyTree):
   leaves = jax.tree.leaves(a)
   return jnp.result_type(*leaves) if leaves else jnp.float32
@@ -136,9 +141,7 @@ def grad_and_hvp(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, has_aux=F
   """
   g_w, hv, loss_aux = jax.jvp(
       _grad_w(loss_fn, alpha, batch, has_aux), (omega,), (v,), has_aux=True)
-  if not _is_static_zero(weight_decay):
-    hv = tree_axpy(weight_decay, v, hv)  # (H + wd I) v
-  return g_w, hv, loss_aux
+  return g_w, _plus_shift(hv, weight_decay, v), loss_aux
 
 
 def hvp(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, has_aux=False):
@@ -193,9 +196,7 @@ def _central_difference(grad_fn, omega, u, r):
 def hvp_fd(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, r=0.01, has_aux=False):
   """(H + wd I) v by central differences of dL/dw, step r / |v| (MATH.md)."""
   hv = _central_difference(_grad_w(loss_fn, alpha, batch, has_aux), omega, v, r)
-  if not _is_static_zero(weight_decay):
-    hv = tree_axpy(weight_decay, v, hv)  # the decay term is linear: add it exactly
-  return hv
+  return _plus_shift(hv, weight_decay, v)  # the decay term is linear: added exactly
 
 
 def mixed_vp_fd(loss_fn, omega, alpha, batch, u, *, r=0.01, has_aux=False):
@@ -233,9 +234,7 @@ def _amended(loss_fn, omega, alpha, batch, v, *, eta, weight_decay, products, r,
     # mixed_vp) would repeat the primal pass; at darts_5 they measured 1.34x
     # slower, with 23% more XLA temporaries (BUILD_NOTES.md).
     g_w, tangent, loss_aux = linearized_grad(loss_fn, omega, alpha, batch, has_aux=has_aux)
-    u = tangent(v)[0]
-    if not _is_static_zero(weight_decay):
-      u = tree_axpy(weight_decay, v, u)  # (H + wd I) v
+    u = _plus_shift(tangent(v)[0], weight_decay, v)  # (H + wd I) v
     mu = tangent(u)[1]
   else:
     g_w, loss_aux = None, None
@@ -324,11 +323,7 @@ def _implicit(loss_fn, omega, alpha, batch, v, *, weight_decay, damping, maxiter
   # Linearized once: every CG iteration and the final M x evaluate the tangent
   # map only, and its primal is dLt/dw.
   g_w, tangent, loss_aux = linearized_grad(loss_fn, omega, alpha, batch, has_aux=has_aux)
-
-  def matvec(p):
-    hp = tangent(p)[0]
-    return hp if _is_static_zero(shift) else tree_axpy(shift, p, hp)
-
+  matvec = lambda p: _plus_shift(tangent(p)[0], shift, p)
   x, info = conjugate_gradient(matvec, v, maxiter=maxiter, tol=tol)
   return tree_scale(-1.0, tangent(x)[1]), info, g_w, loss_aux
 
