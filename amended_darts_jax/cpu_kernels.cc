@@ -12,6 +12,10 @@
 //   DepthwiseInputGrad(gy[B,N,Ho,Wo,C], k[B,K,K,C])  -> dx[B,N,H,W,C]  (transpose in x)
 //   DepthwiseKernelGrad(x[B,N,H,W,C], gy[B,N,Ho,Wo,C]) -> dk[B,K,K,C]  (transpose in k)
 //
+// Each call may take up to three more operand pairs of the same shapes after
+// the first, and then writes the sum of the map over all pairs (Terms below):
+//   DepthwiseForward(x1, k1, x2, k2) = DepthwiseForward(x1, k1) + DepthwiseForward(x2, k2)
+// so the product rule's tangent, f(a', b) + f(a, b'), is one call.
 // B is a batch of independent convolutions (a vmap), 1 when there is none.
 // Attributes: stride s, pad p, dilation d; taps outside the input read zero.
 // With the attribute shared = 1, E kernels convolve one input (the edges of
@@ -149,6 +153,22 @@ inline bool WithFixedChannels(int64_t channels, F f) {
   }
 }
 
+// Calls f(std::integral_constant<int64_t, terms>{}) for the 1 to kMaxTerms
+// operand pairs of a call (Terms below), so that the loops over them have a
+// known length (with a runtime count the single-pair calls looked slower in a
+// raw-call A/B, BUILD_NOTES.md).
+constexpr int64_t kMaxTerms = 4;
+
+template <typename F>
+inline void WithTerms(int64_t terms, F f) {
+  switch (terms) {
+    case 1: f(std::integral_constant<int64_t, 1>{}); return;
+    case 2: f(std::integral_constant<int64_t, 2>{}); return;
+    case 3: f(std::integral_constant<int64_t, 3>{}); return;
+    default: f(std::integral_constant<int64_t, kMaxTerms>{}); return;
+  }
+}
+
 template <typename T>
 inline void MultiplyAdd(T* __restrict acc, const T* __restrict u, const T* __restrict v,
                         int64_t channels) {
@@ -169,23 +189,25 @@ struct Window {
   int64_t in_h, in_w, out_h, out_w, K, s, p, d;
 };
 
-template <int64_t kChannels, bool kFlip, typename T>
-void CorrelateImageFixed(const Window& g, int64_t edges, const T* in, int64_t edge_in,
-                         const T* k, int64_t edge_k, T* __restrict out) {
+template <int64_t kChannels, bool kFlip, int64_t kTerms, typename T>
+void CorrelateImageFixed(const Window& g, int64_t edges, const T* const* in, int64_t edge_in,
+                         const T* const* k, int64_t edge_k, T* __restrict out) {
   for (int64_t oh = 0; oh < g.out_h; ++oh) {
     for (int64_t ow = 0; ow < g.out_w; ++ow) {
       T acc[kChannels] = {};
-      for (int64_t e = 0; e < edges; ++e) {
-        for (int64_t i = 0; i < g.K; ++i) {
-          const int64_t ih = oh * g.s + i * g.d - g.p;
-          if (ih < 0 || ih >= g.in_h) continue;
-          for (int64_t j = 0; j < g.K; ++j) {
-            const int64_t iw = ow * g.s + j * g.d - g.p;
-            if (iw < 0 || iw >= g.in_w) continue;
-            const int64_t tap = kFlip ? (g.K - 1 - i) * g.K + (g.K - 1 - j) : i * g.K + j;
-            const T* __restrict xv = in + e * edge_in + (ih * g.in_w + iw) * kChannels;
-            const T* __restrict kv = k + e * edge_k + tap * kChannels;
-            for (int64_t c = 0; c < kChannels; ++c) acc[c] += xv[c] * kv[c];
+      for (int64_t term = 0; term < kTerms; ++term) {
+        for (int64_t e = 0; e < edges; ++e) {
+          for (int64_t i = 0; i < g.K; ++i) {
+            const int64_t ih = oh * g.s + i * g.d - g.p;
+            if (ih < 0 || ih >= g.in_h) continue;
+            for (int64_t j = 0; j < g.K; ++j) {
+              const int64_t iw = ow * g.s + j * g.d - g.p;
+              if (iw < 0 || iw >= g.in_w) continue;
+              const int64_t tap = kFlip ? (g.K - 1 - i) * g.K + (g.K - 1 - j) : i * g.K + j;
+              const T* __restrict xv = in[term] + e * edge_in + (ih * g.in_w + iw) * kChannels;
+              const T* __restrict kv = k[term] + e * edge_k + tap * kChannels;
+              for (int64_t c = 0; c < kChannels; ++c) acc[c] += xv[c] * kv[c];
+            }
           }
         }
       }
@@ -197,10 +219,13 @@ void CorrelateImageFixed(const Window& g, int64_t edges, const T* in, int64_t ed
 
 // CorrelateImageFixed for the channel counts that have it; false for others.
 template <bool kFlip, typename T>
-bool CorrelateImage(int64_t channels, const Window& g, int64_t edges, const T* in,
-                    int64_t edge_in, const T* k, int64_t edge_k, T* out) {
+bool CorrelateImage(int64_t channels, const Window& g, int64_t terms, int64_t edges,
+                    const T* const* in, int64_t edge_in, const T* const* k, int64_t edge_k,
+                    T* out) {
   return WithFixedChannels(channels, [&](auto fixed) {
-    CorrelateImageFixed<fixed(), kFlip>(g, edges, in, edge_in, k, edge_k, out);
+    WithTerms(terms, [&](auto count) {
+      CorrelateImageFixed<fixed(), kFlip, count()>(g, edges, in, edge_in, k, edge_k, out);
+    });
   });
 }
 
@@ -208,15 +233,18 @@ bool CorrelateImage(int64_t channels, const Window& g, int64_t edges, const T* i
 // added to dk: for each output row and tap, the products along the row are
 // summed in a local accumulator (registers) and added to dk once, where
 // ForEachTap's order loads and stores dk[tap] once a pixel.
-template <int64_t kChannels, typename T>
-void KernelGradImageFixed(const Geometry& g, const T* x, const T* gy, T* __restrict dk) {
+template <int64_t kChannels, int64_t kTerms, typename T>
+void KernelGradImageFixed(const Geometry& g, const T* const* x, const T* const* gy,
+                          T* __restrict dk) {
   ForEachTapRow(g, [&](int64_t ih, int64_t oh, int64_t shift, int64_t t, int64_t lo,
                        int64_t hi) {
     T acc[kChannels] = {};
-    for (int64_t ow = lo; ow < hi; ++ow) {
-      const T* __restrict xv = x + (ih * g.W + ow * g.s + shift) * kChannels;
-      const T* __restrict gv = gy + (oh * g.Wo + ow) * kChannels;
-      for (int64_t c = 0; c < kChannels; ++c) acc[c] += xv[c] * gv[c];
+    for (int64_t term = 0; term < kTerms; ++term) {
+      for (int64_t ow = lo; ow < hi; ++ow) {
+        const T* __restrict xv = x[term] + (ih * g.W + ow * g.s + shift) * kChannels;
+        const T* __restrict gv = gy[term] + (oh * g.Wo + ow) * kChannels;
+        for (int64_t c = 0; c < kChannels; ++c) acc[c] += xv[c] * gv[c];
+      }
     }
     T* __restrict kv = dk + t * kChannels;
     for (int64_t c = 0; c < kChannels; ++c) kv[c] += acc[c];
@@ -225,8 +253,11 @@ void KernelGradImageFixed(const Geometry& g, const T* x, const T* gy, T* __restr
 
 // KernelGradImageFixed for the channel counts that have it; false for others.
 template <typename T>
-bool KernelGradImage(const Geometry& g, const T* x, const T* gy, T* dk) {
-  return WithFixedChannels(g.C, [&](auto fixed) { KernelGradImageFixed<fixed()>(g, x, gy, dk); });
+bool KernelGradImage(const Geometry& g, int64_t terms, const T* const* x, const T* const* gy,
+                     T* dk) {
+  return WithFixedChannels(g.C, [&](auto fixed) {
+    WithTerms(terms, [&](auto count) { KernelGradImageFixed<fixed(), count()>(g, x, gy, dk); });
+  });
 }
 
 // The custom calls take float32 or float64 operands, all of one type.
@@ -253,16 +284,28 @@ enum class Kind { kForward, kInputGrad, kKernelGrad };
 
 struct Empty {};
 
-// The three kernels over B*E*N images. Operands by kind:
+// A call's operand pairs (a_t, b_t), t < count, all of one shape per side:
+// each kernel writes the sum over them of its bilinear map, sum_t f(a_t, b_t),
+// in one pass. Two pairs, (a', b) and (a, b'), are the product rule's tangent
+// f(a', b) + f(a, b'): one pass and one output where two calls and their sum
+// would make three.
+template <typename T>
+struct Terms {
+  int64_t count = 0;
+  const T* a[kMaxTerms] = {};
+  const T* b[kMaxTerms] = {};
+};
+
+// The three kernels over B*E*N images. Operands by kind (each term's):
 //   kForward:    a = x,  b = k,  r = y
 //   kInputGrad:  a = gy, b = k,  r = dx
 //   kKernelGrad: a = x,  b = gy, r = dk
 // Image i of y, gy is (b, e, n) = (i / (E*N), i / N % E, i % N); it reads x
 // image b*N + n and kernel i / N (that is b*E + e). With E = 1 all are i and i / N.
 template <Kind kind, typename T>
-void Compute(ffi::ThreadPool& pool, const Geometry& g, const T* a, const T* b, T* r) {
+void Compute(ffi::ThreadPool& pool, const Geometry& g, const Terms<T>& terms, T* r) {
   const int64_t in_image = g.H * g.W * g.C, out_image = g.Ho * g.Wo * g.C;
-  const int64_t kernel = g.K * g.K * g.C, C = g.C, EN = g.E * g.N;
+  const int64_t kernel = g.K * g.K * g.C, C = g.C, EN = g.E * g.N, count = terms.count;
   auto x_image = [&](int64_t i) { return (i / EN * g.N + i % g.N) * in_image; };
   const Window forward{g.H, g.W, g.Ho, g.Wo, g.K, g.s, g.p, g.d};
   const Window transposed{g.Ho, g.Wo, g.H, g.W, g.K, 1, g.d * (g.K - 1) - g.p, g.d};  // stride 1
@@ -273,13 +316,17 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const T* a, const T* b, T
     ParallelImages<Acc>(
         pool, kernels * g.N, [&] { return Acc(kernels * kernel, T(0)); },
         [&](int64_t image, Acc& acc) {
-          const T* x = a + x_image(image);
-          const T* gy = b + image * out_image;
+          const T* x[kMaxTerms];
+          const T* gy[kMaxTerms];
+          for (int64_t t = 0; t < count; ++t)
+            x[t] = terms.a[t] + x_image(image), gy[t] = terms.b[t] + image * out_image;
           T* dk = acc.data() + (image / g.N) * kernel;
-          if (KernelGradImage(g, x, gy, dk)) return;
-          ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
-            MultiplyAdd(dk + tap, x + in, gy + out, C);
-          });
+          if (KernelGradImage(g, count, x, gy, dk)) return;
+          for (int64_t t = 0; t < count; ++t) {
+            ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
+              MultiplyAdd(dk + tap, x[t] + in, gy[t] + out, C);
+            });
+          }
         },
         [&](Acc& acc) {
           for (int64_t e = 0; e < kernels * kernel; ++e) r[e] += acc[e];
@@ -288,14 +335,18 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const T* a, const T* b, T
     ParallelImages<Empty>(
         pool, g.B * EN, [] { return Empty{}; },
         [&](int64_t image, Empty&) {
-          const T* x = a + x_image(image);
-          const T* k = b + (image / g.N) * kernel;
+          const T* x[kMaxTerms];
+          const T* k[kMaxTerms];
+          for (int64_t t = 0; t < count; ++t)
+            x[t] = terms.a[t] + x_image(image), k[t] = terms.b[t] + (image / g.N) * kernel;
           T* y = r + image * out_image;
-          if (CorrelateImage<false>(C, forward, 1, x, 0, k, 0, y)) return;
+          if (CorrelateImage<false>(C, forward, count, 1, x, 0, k, 0, y)) return;
           std::memset(y, 0, sizeof(T) * out_image);
-          ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
-            MultiplyAdd(y + out, x + in, k + tap, C);
-          });
+          for (int64_t t = 0; t < count; ++t) {
+            ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
+              MultiplyAdd(y + out, x[t] + in, k[t] + tap, C);
+            });
+          }
         },
         [](Empty&) {});
   } else {  // one dx image (b, n) sums the E edges' gy images (b, e, n)
@@ -304,25 +355,53 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const T* a, const T* b, T
         [&](int64_t image, Empty&) {
           const int64_t batch = image / g.N, n = image % g.N;
           T* dx = r + image * in_image;
-          if (g.s == 1 && CorrelateImage<true>(C, transposed, g.E, a + (batch * EN + n) * out_image,
-                                               g.N * out_image, b + batch * g.E * kernel, kernel, dx))
+          const T* gy[kMaxTerms];
+          const T* k[kMaxTerms];
+          for (int64_t t = 0; t < count; ++t)
+            gy[t] = terms.a[t] + (batch * EN + n) * out_image, k[t] = terms.b[t] + batch * g.E * kernel;
+          if (g.s == 1 && CorrelateImage<true>(C, transposed, count, g.E, gy, g.N * out_image, k,
+                                               kernel, dx))
             return;
           std::memset(dx, 0, sizeof(T) * in_image);
-          for (int64_t e = 0; e < g.E; ++e) {
-            const int64_t edge = batch * g.E + e;
-            const T* gy = a + (edge * g.N + n) * out_image;
-            const T* k = b + edge * kernel;
-            ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
-              MultiplyAdd(dx + in, gy + out, k + tap, C);
-            });
+          for (int64_t t = 0; t < count; ++t) {
+            for (int64_t e = 0; e < g.E; ++e) {
+              ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
+                MultiplyAdd(dx + in, gy[t] + e * g.N * out_image + out, k[t] + e * kernel + tap, C);
+              });
+            }
           }
         },
         [](Empty&) {});
   }
 }
 
+// The typed data of a call's operand pairs: (a, b) and then `more`, which
+// must hold pairs of a's and b's shapes and element type.
+template <typename T>
+ffi::ErrorOr<Terms<T>> TypedTerms(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b,
+                                  const ffi::RemainingArgs& more) {
+  if (more.size() % 2 != 0 || static_cast<int64_t>(more.size()) > 2 * (kMaxTerms - 1))
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "depthwise kernel: 1 to " + std::to_string(kMaxTerms) + " pairs of operands"));
+  Terms<T> terms;
+  terms.count = 1 + more.size() / 2;
+  terms.a[0] = a.typed_data<T>(), terms.b[0] = b.typed_data<T>();
+  for (size_t i = 0; i < more.size(); ++i) {
+    auto buffer = more.get<ffi::AnyBuffer>(i);
+    if (!buffer) return ffi::Unexpected(buffer.error());
+    const ffi::AnyBuffer& like = i % 2 == 0 ? a : b;
+    auto dims = buffer->dimensions(), want = like.dimensions();
+    if (buffer->element_type() != like.element_type() ||
+        !std::equal(dims.begin(), dims.end(), want.begin(), want.end()))
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          "depthwise kernel: every pair of operands has the first pair's shapes and type"));
+    (i % 2 == 0 ? terms.a : terms.b)[1 + i / 2] = buffer->template typed_data<T>();
+  }
+  return terms;
+}
+
 template <Kind kind>
-ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::RemainingArgs more,
                 ffi::Result<ffi::AnyBuffer> r, int64_t stride, int64_t pad, int64_t dilation,
                 int64_t shared) {
   if (auto error = CheckTypes("depthwise kernel", a, b, *r); error.failure()) return error;
@@ -351,8 +430,15 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   if (kernel[kc + 1] != g.K || kernel[kc + 2] != g.C || out[kc + 3] != g.C || out[kc] != g.N ||
       (shared && out[rank - 4] != g.E))
     return ffi::Error::InvalidArgument("depthwise kernel: operand shapes do not agree");
-  ByType(a, b, r, [&](auto* ta, auto* tb, auto* tr) { Compute<kind>(pool, g, ta, tb, tr); });
-  return ffi::Error::Success();
+  auto run = [&](auto* typed_r) {
+    using T = std::remove_pointer_t<decltype(typed_r)>;
+    auto terms = TypedTerms<T>(a, b, more);
+    if (!terms) return terms.error();
+    Compute<kind>(pool, g, *terms, typed_r);
+    return ffi::Error::Success();
+  };
+  return r->element_type() == ffi::DataType::F32 ? run(r->typed_data<float>())
+                                                 : run(r->typed_data<double>());
 }
 
 // Max pooling, k x k windows, stride s, padding p that never wins (-inf):
@@ -449,16 +535,18 @@ ffi::Error PoolImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer b,
 
 }  // namespace
 
-// Every custom call: XLA's thread pool, two operands, one result, then attributes.
-#define TWO_OPERANDS_BINDING                                               \
+// Every custom call: XLA's thread pool, two operands (the depthwise calls then
+// any further pairs, Terms above), one result, then attributes.
+#define TWO_OPERANDS                                                       \
   ffi::Ffi::Bind()                                                         \
       .Ctx<ffi::ThreadPool>()                                              \
       .Arg<ffi::AnyBuffer>()                                               \
-      .Arg<ffi::AnyBuffer>()                                               \
-      .Ret<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
 
 #define DW_BINDING                                                         \
-  TWO_OPERANDS_BINDING                                                     \
+  TWO_OPERANDS                                                             \
+      .RemainingArgs()                                                     \
+      .Ret<ffi::AnyBuffer>()                                               \
       .Attr<int64_t>("stride")                                             \
       .Attr<int64_t>("pad")                                                \
       .Attr<int64_t>("dilation")                                           \
@@ -469,7 +557,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInputGrad, Impl<Kind::kInputGrad>, DW_BIN
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseKernelGrad, Impl<Kind::kKernelGrad>, DW_BINDING);
 
 #define POOL_BINDING                                                       \
-  TWO_OPERANDS_BINDING                                                     \
+  TWO_OPERANDS                                                             \
+      .Ret<ffi::AnyBuffer>()                                               \
       .Attr<int64_t>("window")                                             \
       .Attr<int64_t>("stride")                                             \
       .Attr<int64_t>("pad")

@@ -15,9 +15,10 @@ formulations (a failed build logs one warning saying why).
 
 Derivatives. `depthwise_conv(x, k)` is a `jax.custom_vjp` whose backward pass
 calls the input-gradient and kernel-gradient kernels. Each of the three kernels
-is bilinear in its two operands, so each is a `jax.custom_jvp` whose tangent is
-two calls of itself: forward-over-reverse products (`jax.jvp` of `jax.grad`,
-what hypergrad.py computes) are exact. As with any `jax.custom_vjp`, forward
+is bilinear in its two operands, so each is a `jax.custom_jvp` whose tangent,
+f(a', b) + f(a, b'), is one call of itself on two operand pairs (the kernels
+sum over pairs in one pass): forward-over-reverse products (`jax.jvp` of
+`jax.grad`, what hypergrad.py computes) are exact. As with any `jax.custom_vjp`, forward
 mode on the convolution alone, outside a reverse pass, is not defined. The
 same holds for `max_pool` (its kernels are linear in their second operand).
 
@@ -42,6 +43,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -140,34 +142,45 @@ def supports(dtype) -> bool:
   return np.dtype(dtype) in DTYPES
 
 
-def _ffi(short, shape, dtype, a, b, **attributes):
-  """One custom call of cpu_kernels.cc on two operands, its integer attributes as int64."""
+def _ffi(short, shape, dtype, *operands, **attributes):
+  """One custom call of cpu_kernels.cc, its integer attributes as int64."""
   return jax.ffi.ffi_call(_PREFIX + short, jax.ShapeDtypeStruct(shape, dtype),
                           vmap_method="broadcast_all")(
-      a, b, **{name: np.int64(value) for name, value in attributes.items()})
+      *operands, **{name: np.int64(value) for name, value in attributes.items()})
 
 
-def _call(short, shape, dtype, a, b, stride, pad, dilation, shared):
-  return _ffi(short, shape, dtype, a, b, stride=stride, pad=pad, dilation=dilation,
-              shared=shared)
+# The three bilinear kernels. Each takes its geometry as one static argument
+# (`shared`: E kernels on one input, cpu_kernels.cc; `shape`: the result's, for
+# the two gradients), then one or more operand pairs (a_t, b_t), and computes
+# sum_t f(a_t, b_t) in one custom call. Its jvp is the product rule,
+# sum_t f(a_t', b_t) + f(a_t, b_t'), again one call (of up to _MAX_TERMS pairs;
+# more are split), so a tangent costs one pass over the activations rather
+# than two calls and their sum. A symbolic zero tangent drops its pair.
+
+_MAX_TERMS = 4  # cpu_kernels.cc's kMaxTerms
 
 
-# The three bilinear kernels. Each takes its geometry as static arguments
-# (`shared`: E kernels on one input, cpu_kernels.cc), and its jvp is the sum
-# of two calls of itself (product rule); a symbolic zero tangent skips its call.
+class _Geometry(NamedTuple):
+  stride: int
+  pad: int
+  dilation: int
+  shape: tuple | None
+  shared: bool
+
 
 def _bilinear(fn):
-  fn = jax.custom_jvp(fn, nondiff_argnums=(2, 3, 4, 5, 6))
+  fn = jax.custom_jvp(fn, nondiff_argnums=(0,))
 
-  def jvp(stride, pad, dilation, shape, shared, primals, tangents):
-    a, b = primals
-    ta, tb = tangents
-    out = fn(a, b, stride, pad, dilation, shape, shared)
-    parts = []
-    if not isinstance(ta, jax.custom_derivatives.SymbolicZero):
-      parts.append(fn(ta, b, stride, pad, dilation, shape, shared))
-    if not isinstance(tb, jax.custom_derivatives.SymbolicZero):
-      parts.append(fn(a, tb, stride, pad, dilation, shape, shared))
+  def jvp(geometry, primals, tangents):
+    out = fn(geometry, *primals)
+    pairs = []
+    for a, b, ta, tb in zip(primals[::2], primals[1::2], tangents[::2], tangents[1::2]):
+      if not isinstance(ta, jax.custom_derivatives.SymbolicZero):
+        pairs += [ta, b]
+      if not isinstance(tb, jax.custom_derivatives.SymbolicZero):
+        pairs += [a, tb]
+    parts = [fn(geometry, *pairs[i:i + 2 * _MAX_TERMS])
+             for i in range(0, len(pairs), 2 * _MAX_TERMS)]
     tangent = functools.reduce(jnp.add, parts) if parts else jnp.zeros_like(out)
     return out, tangent
 
@@ -175,40 +188,45 @@ def _bilinear(fn):
   return fn
 
 
+def _call(short, shape, dtype, geometry, operands):
+  return _ffi(short, shape, dtype, *operands, stride=geometry.stride, pad=geometry.pad,
+              dilation=geometry.dilation, shared=geometry.shared)
+
+
 @_bilinear
-def _forward(x, k, stride, pad, dilation, shape, shared):
-  del shape
+def _forward(geometry, x, k, *more):
   from amended_darts_jax.ops import out_size  # here: ops imports this module
+  stride, pad, dilation = geometry.stride, geometry.pad, geometry.dilation
   n, h, w, c = x.shape
   kk = k.shape[-2]
-  edges = k.shape[:1] if shared else ()  # k is (E, k, k, C) when shared, else (k, k, C)
+  edges = k.shape[:1] if geometry.shared else ()  # k is (E, k, k, C) when shared, else (k, k, C)
   return _call("forward", (*edges, n, out_size(h, kk, stride, pad, dilation),
                            out_size(w, kk, stride, pad, dilation), c), x.dtype,
-               x, k, stride, pad, dilation, shared)
+               geometry, (x, k, *more))
 
 
 @_bilinear
-def _input_grad(g, k, stride, pad, dilation, shape, shared):
-  return _call("input_grad", shape, g.dtype, g, k, stride, pad, dilation, shared)
+def _input_grad(geometry, g, k, *more):
+  return _call("input_grad", geometry.shape, g.dtype, geometry, (g, k, *more))
 
 
 @_bilinear
-def _kernel_grad(x, g, stride, pad, dilation, shape, shared):
-  return _call("kernel_grad", shape, x.dtype, x, g, stride, pad, dilation, shared)
+def _kernel_grad(geometry, x, g, *more):
+  return _call("kernel_grad", geometry.shape, x.dtype, geometry, (x, g, *more))
 
 
 def _make_conv(shared: bool):
   @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
   def conv(x, kernel, stride, pad, dilation):
-    return _forward(x, kernel, stride, pad, dilation, None, shared)
+    return _forward(_Geometry(stride, pad, dilation, None, shared), x, kernel)
 
   def fwd(x, kernel, stride, pad, dilation):
-    return _forward(x, kernel, stride, pad, dilation, None, shared), (x, kernel)
+    return _forward(_Geometry(stride, pad, dilation, None, shared), x, kernel), (x, kernel)
 
   def bwd(stride, pad, dilation, residuals, g):
     x, kernel = residuals
-    return (_input_grad(g, kernel, stride, pad, dilation, x.shape, shared),
-            _kernel_grad(x, g, stride, pad, dilation, kernel.shape, shared))
+    return (_input_grad(_Geometry(stride, pad, dilation, x.shape, shared), g, kernel),
+            _kernel_grad(_Geometry(stride, pad, dilation, kernel.shape, shared), x, g))
 
   conv.defvjp(fwd, bwd)
   return conv

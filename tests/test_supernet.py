@@ -151,10 +151,73 @@ def test_cpu_depthwise_at_16_32_and_64_channels(channels):
     out = jax.eval_shape(edges(ops.depthwise_conv_grouped), x, ws)
     cot = jax.random.normal(kc, out.shape, jnp.float64)
     loss = lambda f: lambda x, ws: jnp.sum(jnp.sin(edges(f)(x, ws)) * cot)
+    tangents = (jnp.cos(x), jnp.sin(ws))  # the jvp's tangents are pair calls
     for fn in (cpu_kernels.depthwise_conv, cpu_kernels.depthwise_conv_edges):
       for a, b in zip(jax.grad(loss(fn), (0, 1))(x, ws),
                       jax.grad(loss(ops.depthwise_conv_grouped), (0, 1))(x, ws)):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+      hvp = lambda f: jax.jvp(jax.grad(loss(f), (0, 1)), (x, ws), tangents)[1]
+      for a, b in zip(hvp(fn), hvp(ops.depthwise_conv_grouped)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("channels", [5, 16])
+@pytest.mark.parametrize("stride, pad, dilation, shared", [(1, 1, 1, False), (2, 2, 2, False),
+                                                           (1, 2, 2, True), (2, 1, 1, True)])
+def test_cpu_depthwise_call_sums_its_operand_pairs(channels, stride, pad, dilation, shared):
+  """Each depthwise call takes 1 to 4 operand pairs and writes the sum of its bilinear
+  map over them in one pass (the product rule's tangent f(a', b) + f(a, b') is one
+  call): each kind against the same sum of XLA grouped convolutions and their VJPs."""
+  assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+  keys = iter(jax.random.split(jax.random.PRNGKey(channels + 10 * stride), 20))
+  normal = lambda shape: jax.random.normal(next(keys), shape, jnp.float64)
+  edges = (3,) if shared else ()
+  x_shape, k_shape = (2, 7, 6, channels), (*edges, 3, 3, channels)
+  conv = lambda x, k: (jax.vmap(lambda w: ops.depthwise_conv_grouped(x, w, stride, pad, dilation))(k)
+                       if shared else ops.depthwise_conv_grouped(x, k, stride, pad, dilation))
+  y_shape = jax.eval_shape(conv, jnp.zeros(x_shape), jnp.zeros(k_shape)).shape
+  xs, ks, gs = ([normal(shape) for _ in range(4)] for shape in (x_shape, k_shape, y_shape))
+  geometry = lambda shape: cpu_kernels._Geometry(stride, pad, dilation, shape, shared)
+  interleave = lambda a, b: [v for pair in zip(a, b) for v in pair]
+  for terms in range(1, 5):
+    pairs = list(zip(xs, ks, gs))[:terms]
+    want_y = sum(conv(x, k) for x, k, _ in pairs)
+    want_dx = sum(jax.vjp(lambda x: conv(x, k), x)[1](g)[0] for x, k, g in pairs)
+    want_dk = sum(jax.vjp(lambda k: conv(x, k), k)[1](g)[0] for x, k, g in pairs)
+    got_y = cpu_kernels._forward(geometry(None), *interleave(xs[:terms], ks[:terms]))
+    got_dx = cpu_kernels._input_grad(geometry(x_shape), *interleave(gs[:terms], ks[:terms]))
+    got_dk = cpu_kernels._kernel_grad(geometry(k_shape), *interleave(xs[:terms], gs[:terms]))
+    for got, want in ((got_y, want_y), (got_dx, want_dx), (got_dk, want_dk)):
+      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  # The C++ side checks what it is given: at most four pairs, all alike.
+  attributes = dict(stride=stride, pad=pad, dilation=dilation, shared=int(shared))
+  with pytest.raises(Exception, match="1 to 4 pairs of operands"):
+    cpu_kernels._ffi("forward", y_shape, jnp.float64, *interleave(xs + xs[:1], ks + ks[:1]),
+                     **attributes)
+  with pytest.raises(Exception, match="every pair of operands has the first pair's shapes"):
+    cpu_kernels._ffi("forward", y_shape, jnp.float64, xs[0], ks[0], xs[1][:1], ks[1],
+                     **attributes)
+
+
+@pytest.mark.usefixtures("x64")
+def test_cpu_depthwise_third_and_fourth_order_products():
+  """A jvp of a pair call is a call on four pairs, and a jvp of that (eight pairs) is
+  split into calls of at most four: derivatives of any order stay exact."""
+  assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+  keys = iter(jax.random.split(jax.random.PRNGKey(7), 9))
+  normal = lambda shape: jax.random.normal(next(keys), shape, jnp.float64)
+  x, k = normal((2, 6, 5, 4)), normal((3, 3, 4))
+  cot = normal((2, 6, 5, 4))
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, 1, 1, 1)) * cot)
+  t1, t2, t3 = ((normal(x.shape), normal(k.shape)) for _ in range(3))
+  second = lambda f: lambda x, k: jax.jvp(jax.grad(loss(f), (0, 1)), (x, k), t1)[1]
+  third = lambda f: lambda x, k: jax.jvp(second(f), (x, k), t2)[1]
+  fourth = lambda f: jax.jvp(third(f), (x, k), t3)[1]
+  for order in (lambda f: third(f)(x, k), fourth):
+    for a, b in zip(jax.tree.leaves(order(cpu_kernels.depthwise_conv)),
+                    jax.tree.leaves(order(ops.depthwise_conv_grouped))):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.usefixtures("x64")
