@@ -12,6 +12,10 @@ metrics.jsonl, TensorBoard events, figure1.png and cells.{png,svg,dot}.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
+  from amended_darts_jax import hostmem
+  hostmem.reexec()
+
 import dataclasses
 import functools
 import json

@@ -11,6 +11,10 @@ latest test accuracy), TensorBoard events and results.json at the end.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
+  from amended_darts_jax import hostmem
+  hostmem.reexec()
+
 import dataclasses
 import functools
 import os

@@ -22,6 +22,10 @@ Writes `results.jsonl` (one JSON line per measurement) and `table.md` under
 `amended_exact / first_order`.
 """
 
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
+  from amended_darts_jax import hostmem
+  hostmem.reexec()
+
 import json
 import os
 import resource

@@ -21,6 +21,10 @@ time; the wall time per step and the kernels run per step are printed too.
 Writes `profile.json` under `--out`.
 """
 
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
+  from amended_darts_jax import hostmem
+  hostmem.reexec()
+
 import collections
 import glob
 import json

@@ -31,6 +31,10 @@ also gives XLA's temporary buffers of each part (`memory_analysis()`).
 Writes `profile.jsonl` and `profile.md` under `--out`.
 """
 
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
+  from amended_darts_jax import hostmem
+  hostmem.reexec()
+
 import dataclasses
 import functools
 import itertools

@@ -1,0 +1,69 @@
+"""Transparent huge pages for XLA:CPU's per-step buffers, by glibc's malloc tunable.
+
+XLA:CPU allocates the temporary buffers of every run of a compiled step with
+malloc (1.9 GB for the weight step of a 5-cell DARTS supernet at batch 32). A
+block that large is mapped fresh and unmapped after each step, so the kernel
+faults in and zeroes it 4 KB at a time, every step: 483,000 minor faults and
+0.75 s of system time a step there. glibc's tunable `glibc.malloc.hugetlb=1`
+(glibc 2.35 and later) makes malloc ask for transparent huge pages on such
+blocks, which takes the faults to about 1,500 and the step from 1.56 to 1.07 s
+(BUILD_NOTES.md, "Host memory").
+
+Tunables are read when a process starts, so the command-line entry points
+(search, train, the benchmark scripts) call `reexec()` first thing: it runs
+the same command again, once, with the tunable added to `GLIBC_TUNABLES`. It
+does nothing where the tunable is already set (to anything), off Linux or
+glibc, on older glibc, where the kernel's transparent huge pages are `never`,
+or with `AMENDED_DARTS_HUGEPAGES=0` in the environment. As a library nothing
+here runs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+SWITCH_ENV = "AMENDED_DARTS_HUGEPAGES"  # "0": leave the environment alone
+TUNABLE = "glibc.malloc.hugetlb"
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _thp_mode(path: str = THP_MODE) -> str:
+  """The kernel's transparent huge page mode ("always", "madvise", "never"), "" if unknown."""
+  try:
+    text = open(path).read()
+  except OSError:
+    return ""
+  return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+
+
+def environment(environ, *, system: str | None = None, libc: tuple[str, str] | None = None,
+                thp_mode: str | None = None) -> dict | None:
+  """The environment to run with the tunable, or None where nothing should change."""
+  system = sys.platform if system is None else system
+  name, version = platform.libc_ver() if libc is None else libc
+  thp_mode = _thp_mode() if thp_mode is None else thp_mode
+  if environ.get(SWITCH_ENV, "1") == "0" or not system.startswith("linux") or name != "glibc":
+    return None
+  try:
+    if tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
+      return None
+  except ValueError:
+    return None
+  if thp_mode not in ("always", "madvise"):
+    return None
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if any(item.split("=")[0] == TUNABLE for item in tunables.split(":")):
+    return None
+  return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, f"{TUNABLE}=1")))}
+
+
+def reexec() -> None:
+  """Runs this command again with the tunable, where `environment` says so; else returns."""
+  env = environment(os.environ)
+  if env is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
