@@ -66,4 +66,7 @@ def reexec() -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError:  # the command goes on as it is, with 4 KB pages
+    return
