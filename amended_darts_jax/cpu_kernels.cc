@@ -271,13 +271,12 @@ ffi::Error CheckTypes(const char* kernel, const ffi::AnyBuffer& a, const ffi::An
   return ffi::Error::Success();
 }
 
-// run(a, b, r) on the typed data of operands that passed CheckTypes.
+// run(a, b, r) on the typed data of operands that passed CheckTypes; returns what run returns.
 template <typename Run>
-void ByType(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> r, Run run) {
+auto ByType(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> r, Run run) {
   if (a.element_type() == ffi::DataType::F32)
-    run(a.typed_data<float>(), b.typed_data<float>(), r->typed_data<float>());
-  else
-    run(a.typed_data<double>(), b.typed_data<double>(), r->typed_data<double>());
+    return run(a.typed_data<float>(), b.typed_data<float>(), r->typed_data<float>());
+  return run(a.typed_data<double>(), b.typed_data<double>(), r->typed_data<double>());
 }
 
 enum class Kind { kForward, kInputGrad, kKernelGrad };
@@ -294,6 +293,11 @@ struct Terms {
   int64_t count = 0;
   const T* a[kMaxTerms] = {};
   const T* b[kMaxTerms] = {};
+
+  // Every pair's operands advanced by da and db elements (one image's), into at_a and at_b.
+  void At(int64_t da, int64_t db, const T** at_a, const T** at_b) const {
+    for (int64_t t = 0; t < count; ++t) at_a[t] = a[t] + da, at_b[t] = b[t] + db;
+  }
 };
 
 // The three kernels over B*E*N images. Operands by kind (each term's):
@@ -318,8 +322,7 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const Terms<T>& terms, T*
         [&](int64_t image, Acc& acc) {
           const T* x[kMaxTerms];
           const T* gy[kMaxTerms];
-          for (int64_t t = 0; t < count; ++t)
-            x[t] = terms.a[t] + x_image(image), gy[t] = terms.b[t] + image * out_image;
+          terms.At(x_image(image), image * out_image, x, gy);
           T* dk = acc.data() + (image / g.N) * kernel;
           if (KernelGradImage(g, count, x, gy, dk)) return;
           for (int64_t t = 0; t < count; ++t) {
@@ -337,8 +340,7 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const Terms<T>& terms, T*
         [&](int64_t image, Empty&) {
           const T* x[kMaxTerms];
           const T* k[kMaxTerms];
-          for (int64_t t = 0; t < count; ++t)
-            x[t] = terms.a[t] + x_image(image), k[t] = terms.b[t] + (image / g.N) * kernel;
+          terms.At(x_image(image), (image / g.N) * kernel, x, k);
           T* y = r + image * out_image;
           if (CorrelateImage<false>(C, forward, count, 1, x, 0, k, 0, y)) return;
           std::memset(y, 0, sizeof(T) * out_image);
@@ -357,8 +359,7 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const Terms<T>& terms, T*
           T* dx = r + image * in_image;
           const T* gy[kMaxTerms];
           const T* k[kMaxTerms];
-          for (int64_t t = 0; t < count; ++t)
-            gy[t] = terms.a[t] + (batch * EN + n) * out_image, k[t] = terms.b[t] + batch * g.E * kernel;
+          terms.At((batch * EN + n) * out_image, batch * g.E * kernel, gy, k);
           if (g.s == 1 && CorrelateImage<true>(C, transposed, count, g.E, gy, g.N * out_image, k,
                                                kernel, dx))
             return;
@@ -375,17 +376,17 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const Terms<T>& terms, T*
   }
 }
 
-// The typed data of a call's operand pairs: (a, b) and then `more`, which
-// must hold pairs of a's and b's shapes and element type.
+// The typed data of a call's operand pairs: (a, b), typed as ta and tb, and
+// then `more`, which must hold pairs of a's and b's shapes and element type.
 template <typename T>
-ffi::ErrorOr<Terms<T>> TypedTerms(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b,
-                                  const ffi::RemainingArgs& more) {
+ffi::ErrorOr<Terms<T>> TypedTerms(const T* ta, const T* tb, const ffi::AnyBuffer& a,
+                                  const ffi::AnyBuffer& b, const ffi::RemainingArgs& more) {
   if (more.size() % 2 != 0 || static_cast<int64_t>(more.size()) > 2 * (kMaxTerms - 1))
     return ffi::Unexpected(ffi::Error::InvalidArgument(
         "depthwise kernel: 1 to " + std::to_string(kMaxTerms) + " pairs of operands"));
   Terms<T> terms;
   terms.count = 1 + more.size() / 2;
-  terms.a[0] = a.typed_data<T>(), terms.b[0] = b.typed_data<T>();
+  terms.a[0] = ta, terms.b[0] = tb;
   for (size_t i = 0; i < more.size(); ++i) {
     auto buffer = more.get<ffi::AnyBuffer>(i);
     if (!buffer) return ffi::Unexpected(buffer.error());
@@ -430,15 +431,12 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::R
   if (kernel[kc + 1] != g.K || kernel[kc + 2] != g.C || out[kc + 3] != g.C || out[kc] != g.N ||
       (shared && out[rank - 4] != g.E))
     return ffi::Error::InvalidArgument("depthwise kernel: operand shapes do not agree");
-  auto run = [&](auto* typed_r) {
-    using T = std::remove_pointer_t<decltype(typed_r)>;
-    auto terms = TypedTerms<T>(a, b, more);
+  return ByType(a, b, r, [&](auto* ta, auto* tb, auto* tr) {
+    auto terms = TypedTerms(ta, tb, a, b, more);
     if (!terms) return terms.error();
-    Compute<kind>(pool, g, *terms, typed_r);
+    Compute<kind>(pool, g, *terms, tr);
     return ffi::Error::Success();
-  };
-  return r->element_type() == ffi::DataType::F32 ? run(r->typed_data<float>())
-                                                 : run(r->typed_data<double>());
+  });
 }
 
 // Max pooling, k x k windows, stride s, padding p that never wins (-inf):
