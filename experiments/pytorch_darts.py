@@ -14,7 +14,11 @@ inputs instead of failing.
 
 Timed one step at a time, each framework in its own worker process (in one
 process each slowed the other), the two taking turns round by round so that
-both see the same machine load:
+both see the same machine load. In its turn a worker runs `--turn_warmup`
+untimed steps of a variant right before the timed one, as steps follow each
+other in a search; the first step after waiting out the other worker's turn
+is slow on this VM for a reason outside either framework (BUILD_NOTES). The
+steps:
 - PyTorch, DARTS' own steps: `weight` (train_search.py's weight step: forward,
   backward, clip the gradient norm at 5, SGD with momentum), `first_order` and
   `second_order` (`Architect.step` with `unrolled` false / true), and
@@ -61,6 +65,11 @@ _TORCH_STEPS = flags.DEFINE_list("torch_steps", ["weight", "first_order", "secon
                                                  "amended_fd"], "DARTS' steps to time.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed rounds (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed rounds after compiling.")
+_TURN_WARMUP = flags.DEFINE_integer(
+    "turn_warmup", 1, "Untimed steps of each variant just before its timed step in every "
+    "round, so that every timed step follows a step the way it does in a search. After a "
+    "worker has waited out the other's turn, its first step runs on memory the machine took "
+    "back meanwhile (BUILD_NOTES: 'Why a step after a wait is slow').")
 _THREADS = flags.DEFINE_integer("threads", 2, "PyTorch's intra-op threads.")
 _OUT = flags.DEFINE_string("out", "runs/pytorch_darts", "Output directory.")
 _WORKER = flags.DEFINE_enum("worker", "", ["", "jax", "torch"], "Internal: run one framework's "
@@ -207,9 +216,12 @@ def _worker(framework: str) -> None:
       break
     times = {}
     for name, fn in timers.items():
-      t0 = time.perf_counter()
+      for _ in range(_TURN_WARMUP.value):
+        fn()
+      t0, sys0 = time.perf_counter(), os.times().system
       fn()
-      times[name] = time.perf_counter() - t0
+      # Wall seconds, and the kernel's CPU seconds in this process (page faults, zeroing).
+      times[name] = [time.perf_counter() - t0, os.times().system - sys0]
     print("TIMES " + json.dumps(times), flush=True)
 
 
@@ -232,6 +244,9 @@ def main(argv):
   unknown = [s for s in _TORCH_STEPS.value if s not in TORCH_STEPS]
   if unknown:
     sys.exit(f"error: unknown --torch_steps {', '.join(unknown)}; known: {', '.join(TORCH_STEPS)}")
+  if _TURN_WARMUP.value < 0 or _STEPS.value < 1:
+    sys.exit(f"error: --turn_warmup must be 0 or more and --steps 1 or more, got "
+             f"{_TURN_WARMUP.value} and {_STEPS.value}")
   # Exits with one sentence if torch or the checkout is missing.
   torch, _, _ = _import_darts(_DARTS_DIR.value)
 
@@ -248,19 +263,22 @@ def main(argv):
     print(f"{framework} ready: {json.dumps(ready['rows'])}", flush=True)
   print(f"parameters: ours {params['jax']:,}, DARTS' {params['torch']:,}", flush=True)
   times = {name: [] for name in rows}
+  system = {name: [] for name in rows}
   for round_ in range(_WARMUP.value + _STEPS.value):
     for proc in procs.values():
       proc.stdin.write("ROUND\n")
       proc.stdin.flush()
-      for name, seconds in _reply(proc, "TIMES").items():
+      for name, (seconds, sys_seconds) in _reply(proc, "TIMES").items():
         if round_ >= _WARMUP.value:
           times[name].append(seconds)
+          system[name].append(sys_seconds)
   for proc in procs.values():
     proc.stdin.close()
     proc.wait()
   for name in rows:
     rows[name]["median_step_s"] = round(statistics.median(times[name]), 4)
     rows[name]["min_step_s"] = round(min(times[name]), 4)
+    rows[name]["median_system_s"] = round(statistics.median(system[name]), 3)
 
   med = {name: row["median_step_s"] for name, row in rows.items()}
   ratios = {}
@@ -274,10 +292,11 @@ def main(argv):
           med[f"jax {ours}"] / (med[f"torch {theirs}"] + med["torch weight"]))
   print(f"size {_SIZE.value}: {json.dumps(SIZES[_SIZE.value])}; torch {torch.__version__} "
         f"on {_THREADS.value} threads; jax {jax.__version__}")
-  print("| step | compile s | median s | min s |\n| --- | --- | --- | --- |")
+  print("| step | compile s | median s | min s | median system s |\n"
+        "| --- | --- | --- | --- | --- |")
   for name, row in rows.items():
     print(f"| {name} | {row.get('compile_s', '')} | {row['median_step_s']} | "
-          f"{row['min_step_s']} |")
+          f"{row['min_step_s']} | {row['median_system_s']} |")
   for name, value in ratios.items():
     print(f"{name} = {value:.3f}")
   os.makedirs(_OUT.value, exist_ok=True)
