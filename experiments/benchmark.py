@@ -20,6 +20,14 @@ synthetic and in memory: no tensorflow-datasets needed.
 Writes `results.jsonl` (one JSON line per measurement) and `table.md` under
 `--out`, and prints the table and the ratios `amended_exact / amended_fd` and
 `amended_exact / first_order`.
+
+Each row also has XLA's count of the step's floating-point operations
+(`cost_analysis()`; it does not see inside custom calls, so on CPU the C++
+kernels' work is left out), the FLOP/s that count reaches at the median step,
+its share of `--peak_tflops` when given (the chip's peak for the step's
+precision), and the time of one epoch of DARTS' CIFAR-10 search at that step
+time: 25,000 training images (half of CIFAR-10's 50,000; the other half
+trains alpha), so ceil(25,000 / batch) steps.
 """
 
 if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
@@ -57,6 +65,10 @@ _BATCH = flags.DEFINE_integer("batch", 0, "Override the size's batch (0: keep)."
 _SPACE = flags.DEFINE_string("space", "", "Override the size's space, e.g. s2_all (s2 with all "
                              "seven operations).")
 _LAYERS = flags.DEFINE_integer("layers", 0, "Override the size's number of cells (0: keep).")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "The chip's peak TFLOP/s for the step's "
+                                   "precision, to report the share reached (0: not reported).")
+_TIMEOUT = flags.DEFINE_integer("timeout_s", 0, "Stop a measurement (compile and steps) after "
+                                "this many seconds; its row says so (0: no limit).")
 _OUT = flags.DEFINE_string("out", "runs/benchmark", "Output directory.")
 _ONE = flags.DEFINE_string("one", "", "Internal: measure one method/products/remat and print JSON.")
 
@@ -108,6 +120,7 @@ def measure_one(spec: str) -> dict:
   compiled = jax.jit(step, donate_argnums=0).lower(state, train_batch, val_batch).compile()
   compile_s = time.perf_counter() - t0
   compile_peak_mb = _peak_rss_mb()
+  flops = common.step_flops(compiled)
   # XLA's own plan for the step's buffers: device-independent, and on CPU free
   # of the compiler's leftovers that inflate the resident-memory figure.
   analysis = compiled.memory_analysis()
@@ -126,31 +139,39 @@ def measure_one(spec: str) -> dict:
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
   peak_mb, peak_kind = _peak_memory_mb(jax, reset_ok)
+  median_s = statistics.median(times)
   return dict(size=_SIZE.value, **{k: size[k] for k in ("space", "C", "layers", "batch")},
               method=method, products=products if method != "weight_only" else "",
               remat=cfg.remat, batch_edges=cfg.batch_edges,
               cpu_kernel=jax.default_backend() == "cpu" and cpu_kernels.available(),
               compile_s=round(compile_s, 2),
-              median_step_s=round(statistics.median(times), 5),
+              median_step_s=round(median_s, 5),
               min_step_s=round(min(times), 5), steps=len(times),
               peak_memory_mb=round(peak_mb, 1), memory_kind=peak_kind,
               xla_temp_mb=round(xla_temp_mb, 1), xla_total_mb=round(xla_total_mb, 1),
               rss_before_compile_mb=round(rss_before_mb, 1),
               rss_peak_compiling_mb=round(compile_peak_mb, 1),
+              gflop_per_step=round(flops / 1e9, 3), tflop_per_s=round(flops / median_s / 1e12, 4),
+              peak_share=round(flops / median_s / 1e12 / _PEAK_TFLOPS.value, 4)
+              if _PEAK_TFLOPS.value > 0 else None,
+              cifar10_epoch_min=round(common.epoch_minutes(median_s, size["batch"]), 2),
               loss_finite=bool(np.isfinite(float(metrics["train_loss"]))),
               device=jax.devices()[0].device_kind, backend=jax.default_backend())
 
 
 def _table(rows: list[dict]) -> str:
   lines = ["| method | products | remat | batch edges | C++ kernel | compile s | median step s | "
-           "peak MB (kind) | XLA temp MB | XLA total MB |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "peak MB (kind) | XLA temp MB | XLA total MB | GFLOP/step (XLA) | TFLOP/s | "
+           "share of peak | CIFAR-10 epoch, min |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['batch_edges']} | "
                  f"{r['cpu_kernel']} | "
                  f"{r['compile_s']} | "
                  f"{r['median_step_s']} | {r['peak_memory_mb']} ({r['memory_kind']}) | "
-                 f"{r['xla_temp_mb']} | {r['xla_total_mb']} |")
+                 f"{r['xla_temp_mb']} | {r['xla_total_mb']} | {r['gflop_per_step']} | "
+                 f"{r['tflop_per_s']} | {'' if r['peak_share'] is None else r['peak_share']} | "
+                 f"{r['cifar10_epoch_min']} |")
   return "\n".join(lines)
 
 
@@ -176,11 +197,15 @@ def main(argv):
   for spec in _METHODS.value:
     if spec not in METHODS and spec not in ("implicit", "implicit/exact", "amended", "darts"):
       sys.exit(f"error: unknown method {spec!r}; known: {', '.join(METHODS)}, implicit")
+  if not _PEAK_TFLOPS.value >= 0:
+    sys.exit(f"error: --peak_tflops takes a TFLOP/s figure, 0 or more; got {_PEAK_TFLOPS.value}")
+  if _TIMEOUT.value < 0:
+    sys.exit(f"error: --timeout_s takes seconds, 0 (no limit) or more; got {_TIMEOUT.value}")
   common.switches("remat", _REMAT.value)  # exits on anything but true/false
   common.switches("batch_edges", _BATCH_EDGES.value)
   common.switches("cpu_kernel", _CPU_KERNEL.value)
   os.makedirs(_OUT.value, exist_ok=True)
-  rows = []
+  rows, failed = [], []
   passthrough = [a for a in sys.argv[1:]
                  if not a.startswith(("--one", "--methods", "--remat", "--batch_edges",
                                       "--cpu_kernel"))]
@@ -193,29 +218,36 @@ def main(argv):
     env = dict(os.environ)  # the kernel switch reaches the worker through its environment
     if kernel == "false":
       env[cpu_kernels.SWITCH_ENV] = "0"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-      err_lines = [l for l in proc.stderr.strip().splitlines() if l.strip("* ")]
-      tail = (f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
-              else (err_lines or ["no output"])[-1])
+    error = None
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                            timeout=_TIMEOUT.value or None)
+      lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+      if proc.returncode != 0 or not lines:
+        err_lines = [l for l in proc.stderr.strip().splitlines() if l.strip("* ")]
+        error = (f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
+                 else (err_lines or ["no output"])[-1])
+    except subprocess.TimeoutExpired:  # run() has killed the worker
+      error = f"stopped after --timeout_s={_TIMEOUT.value} s"
+    if error:
       row = dict(size=_SIZE.value, method=spec, remat=remat == "true",
-                 batch_edges=edges == "true", cpu_kernel=kernel == "true", error=tail)
-      print(json.dumps(row), flush=True)
+                 batch_edges=edges == "true", cpu_kernel=kernel == "true", error=error)
+      failed.append(f"not measured: {spec}, remat {remat}, batch edges {edges}, "
+                    f"C++ kernel {kernel}: {error}")
     else:
       row = json.loads(lines[-1][len("RESULT "):])
       rows.append(row)
-      print(json.dumps(row), flush=True)
+    print(json.dumps(row), flush=True)
     with open(os.path.join(_OUT.value, "results.jsonl"), "a") as f:
       f.write(json.dumps(row) + "\n")
   table = _table(rows)
-  ratios = [r for r in (_ratio(rows, "amended/exact", "amended/fd"),
-                        _ratio(rows, "amended/exact", "first_order")) if r]
+  notes = failed + [r for r in (_ratio(rows, "amended/exact", "amended/fd"),
+                                 _ratio(rows, "amended/exact", "first_order")) if r]
   with open(os.path.join(_OUT.value, "table.md"), "w") as f:
     f.write(f"size `{_SIZE.value}`, command: `python experiments/benchmark.py "
-            f"{' '.join(sys.argv[1:])}`\n\n{table}\n\n" + "\n".join(ratios) + "\n")
+            f"{' '.join(sys.argv[1:])}`\n\n{table}\n\n" + "\n".join(notes) + "\n")
   print(table)
-  for line in ratios:
+  for line in notes:
     print(line)
 
 

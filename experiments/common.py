@@ -3,6 +3,7 @@
 Batches are random and in memory, so nothing here needs tensorflow-datasets.
 """
 
+import math
 import sys
 
 import jax
@@ -21,6 +22,22 @@ SIZES = {
     "tiny_darts": dict(space="darts", C=8, layers=2, batch=16, image=(16, 16, 3), classes=10),
     "darts_5": dict(space="darts", C=16, layers=5, batch=32, image=(32, 32, 3), classes=10),
 }
+
+
+CIFAR10_SEARCH_IMAGES = 25_000  # DARTS' search: half of CIFAR-10's training set trains omega
+
+
+def step_flops(compiled) -> float:
+  """XLA's count of one call's floating-point operations (0 where the backend has none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", 0.0))
+
+
+def epoch_minutes(step_s: float, batch: int, images: int = CIFAR10_SEARCH_IMAGES) -> float:
+  """Minutes for one search epoch over `images` training images at `step_s` a step."""
+  return math.ceil(images / batch) * step_s / 60
 
 
 def switches(flag: str, values: list[str]) -> list[bool]:
