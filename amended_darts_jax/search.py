@@ -122,11 +122,11 @@ def remat_ineffective() -> bool:
   """Whether per-cell rematerialization is known not to save memory here.
 
   jax 0.10's XLA:CPU schedules the recomputation as early as its inputs allow,
-  so the saved activations live as long as without remat; jax 0.12's does not
-  (BUILD_NOTES.md). 0.11 was not measured; it is counted with 0.10.
+  so the saved activations live as long as without remat; those of jax 0.11
+  and 0.12 do not (BUILD_NOTES.md).
   """
   major_minor = tuple(int(p) for p in jax.__version__.split(".")[:2])
-  return jax.default_backend() == "cpu" and major_minor < (0, 12)
+  return jax.default_backend() == "cpu" and major_minor < (0, 11)
 
 
 def step_config(cfg, model: supernet.Supernet, steps_per_epoch: int) -> StepConfig:
@@ -289,7 +289,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rundir.setup_compilation_cache(cfg.compilation_cache_dir)
   if cfg.remat and remat_ineffective():
     logging.warning("config.remat=True does not shrink XLA:CPU's buffer plan under jax %s "
-                    "(measured with 0.10.2; it does under 0.12, BUILD_NOTES.md): the step "
+                    "(measured with 0.10.2; it does under 0.11.2 and 0.12, BUILD_NOTES.md): the step "
                     "will take longer for no memory saved", jax.__version__)
   if cfg.distributed:
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
