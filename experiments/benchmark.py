@@ -140,6 +140,7 @@ def measure_one(spec: str) -> dict:
     times.append(time.perf_counter() - t0)
   peak_mb, peak_kind = _peak_memory_mb(jax, reset_ok)
   median_s = statistics.median(times)
+  tflop_per_s = flops / median_s / 1e12
   return dict(size=_SIZE.value, **{k: size[k] for k in ("space", "C", "layers", "batch")},
               method=method, products=products if method != "weight_only" else "",
               remat=cfg.remat, batch_edges=cfg.batch_edges,
@@ -151,9 +152,9 @@ def measure_one(spec: str) -> dict:
               xla_temp_mb=round(xla_temp_mb, 1), xla_total_mb=round(xla_total_mb, 1),
               rss_before_compile_mb=round(rss_before_mb, 1),
               rss_peak_compiling_mb=round(compile_peak_mb, 1),
-              gflop_per_step=round(flops / 1e9, 3), tflop_per_s=round(flops / median_s / 1e12, 4),
-              peak_share=round(flops / median_s / 1e12 / _PEAK_TFLOPS.value, 4)
-              if _PEAK_TFLOPS.value > 0 else None,
+              gflop_per_step=round(flops / 1e9, 3), tflop_per_s=round(tflop_per_s, 4),
+              peak_share=round(tflop_per_s / _PEAK_TFLOPS.value, 4) if _PEAK_TFLOPS.value > 0
+              else None,
               cifar10_epoch_min=round(common.epoch_minutes(median_s, size["batch"]), 2),
               loss_finite=bool(np.isfinite(float(metrics["train_loss"]))),
               device=jax.devices()[0].device_kind, backend=jax.default_backend())

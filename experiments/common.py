@@ -29,10 +29,7 @@ CIFAR10_SEARCH_IMAGES = 25_000  # DARTS' search: half of CIFAR-10's training set
 
 def step_flops(compiled) -> float:
   """XLA's count of one call's floating-point operations (0 where the backend has none)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-    cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
+  return float((compiled.cost_analysis() or {}).get("flops", 0.0))
 
 
 def epoch_minutes(step_s: float, batch: int, images: int = CIFAR10_SEARCH_IMAGES) -> float:
