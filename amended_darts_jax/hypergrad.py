@@ -24,7 +24,6 @@ All functions are jit-able with the loss functions and string options static.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -42,10 +41,29 @@ PRODUCTS = ("exact", "fd")
 # ----------------------------------------------------------------------------
 
 
+def _end_to_end(leaves, dtype) -> jax.Array:
+  """The leaves raveled and laid end to end as one vector of `dtype`.
+
+  A reduction over it is one XLA kernel (the concatenation fuses into it) where a
+  reduction per leaf is one kernel per leaf; a supernet has hundreds of leaves,
+  and on XLA:CPU every kernel adds to the compile (BUILD_NOTES.md).
+  """
+  if not leaves:
+    return jnp.zeros((0,), dtype)
+  return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-  """Sum over leaves of <a, b>."""
-  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
-  return functools.reduce(jnp.add, leaves, jnp.zeros((), _tree_dtype(a)))
+  """Sum over leaves of <a, b> (real leaves), as one reduction."""
+  if jax.tree.structure(a) != jax.tree.structure(b):
+    raise ValueError(f"tree_vdot of different trees: {jax.tree.structure(a)} and "
+                     f"{jax.tree.structure(b)}")
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  for x, y in zip(leaves_a, leaves_b):
+    if jnp.shape(x) != jnp.shape(y):
+      raise ValueError(f"tree_vdot of leaves of shapes {jnp.shape(x)} and {jnp.shape(y)}")
+  dtype = jnp.result_type(_tree_dtype(a), _tree_dtype(b))
+  return jnp.sum(_end_to_end(leaves_a, dtype) * _end_to_end(leaves_b, dtype))
 
 
 def tree_norm(a: PyTree) -> jax.Array:
@@ -70,6 +88,16 @@ def tree_axpy(s, x: PyTree, y: PyTree) -> PyTree:
   return jax.tree.map(lambda xi, yi: (s * xi + yi).astype(yi.dtype), x, y)
 
 
+def tree_clip_by_norm(a: PyTree, max_norm) -> PyTree:
+  """`a` scaled to Euclidean norm `max_norm` where its norm is larger (as
+  `optax.clip_by_global_norm`, with the norm as one reduction, `tree_norm`; the
+  search logs the same norm, and XLA computes it once)."""
+  norm = tree_norm(a)
+  keep = norm < max_norm
+  return jax.tree.map(
+      lambda x: jnp.where(keep, x, (x / norm.astype(x.dtype)) * max_norm).astype(x.dtype), a)
+
+
 def tree_zeros_like(a: PyTree) -> PyTree:
   return jax.tree.map(jnp.zeros_like, a)
 
@@ -81,8 +109,11 @@ def tree_cosine(a: PyTree, b: PyTree, eps: float = 1e-30) -> jax.Array:
 
 
 def tree_all_finite(a: PyTree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(a)]
-  return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
+  """Whether every floating-point entry of every leaf is finite, as one reduction."""
+  leaves = [x for x in jax.tree.leaves(a) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.isfinite(_end_to_end(leaves, jnp.result_type(*leaves))))
 
 
 def _is_static_zero(x) -> bool:

@@ -109,7 +109,8 @@ def make_optimizers(cfg, steps_per_epoch: int):
     return cfg.lr_min + (cfg.lr - cfg.lr_min) * cos
 
   # Clip the raw gradient, then add the decay, then momentum: PyTorch's SGD order.
-  w_tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+  clip = optax.stateless(lambda g, _: hypergrad.tree_clip_by_norm(g, cfg.grad_clip))
+  w_tx = optax.chain(clip,
                      optax.add_decayed_weights(cfg.weight_decay),
                      optax.sgd(lr_fn, momentum=cfg.momentum))
   # PyTorch's Adam weight decay is an L2 term added to the gradient.

@@ -90,7 +90,8 @@ def make_optimizer(cfg, steps_per_epoch: int):
       return cfg.lr * (1.0 - epoch / cfg.epochs)
     return cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / cfg.epochs))
 
-  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+  clip = optax.stateless(lambda g, _: hypergrad.tree_clip_by_norm(g, cfg.grad_clip))
+  tx = optax.chain(clip,
                    optax.add_decayed_weights(cfg.weight_decay),
                    optax.sgd(lr_fn, momentum=cfg.momentum))
   return tx, lr_fn

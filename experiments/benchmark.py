@@ -7,7 +7,8 @@ r"""Speed, compile time and memory of one search step per method, side by side.
 Sizes: `tiny` (s2 space, 2 cells, C=8, batch 16, 16x16x3), `darts_search` (darts
 space, C=16, 8 cells, batch 64, 32x32x3, 10 classes: DARTS' CIFAR-10 search) and
 `s2_search` (s2 space, 20 cells, C=16, batch 64, 32x32x3); `tiny_darts` and
-`darts_5` are the two sizes of the PyTorch comparison (`pytorch_darts.py`). For each method
+`darts_5` are the two sizes of the PyTorch comparison (`pytorch_darts.py`); `digits` is
+the default search's own (s2, 5 cells, C=8, batch 64, 8x8x1). For each method
 (`weight_only` is the weight step alone; the others are the full search step of
 `amended_darts_jax.search`) it measures the compile time, the median step time
 over `--steps` steps after `--warmup` warm-up steps, and the peak memory: device

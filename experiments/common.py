@@ -15,6 +15,8 @@ from amended_darts_jax import search
 from amended_darts_jax.configs import default
 
 SIZES = {
+    # The default search's own network and batch (configs/default.py: the 8x8 digits).
+    "digits": dict(space="s2", C=8, layers=5, batch=64, image=(8, 8, 1), classes=10),
     "tiny": dict(space="s2", C=8, layers=2, batch=16, image=(16, 16, 3), classes=10),
     "darts_search": dict(space="darts", C=16, layers=8, batch=64, image=(32, 32, 3), classes=10),
     "s2_search": dict(space="s2", C=16, layers=20, batch=64, image=(32, 32, 3), classes=10),

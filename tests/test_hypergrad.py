@@ -417,3 +417,39 @@ def test_conjugate_gradient_stops_finite_at_negative_curvature(x64):
   x, info = hg.conjugate_gradient(lambda p: a @ p + 2.0 * p, jnp.array([1.0, 2.0]), tol=1e-12)
   np.testing.assert_allclose(x, [0.25, 2.0], rtol=1e-10)
   assert not bool(info.negative_curvature)
+
+
+def test_tree_reductions_equal_numpy_on_the_raveled_leaves(x64):
+  """tree_vdot, tree_norm and tree_all_finite lay the leaves end to end (one reduction);
+  they equal NumPy on the leaves raveled by hand, and reject trees that differ."""
+  rng = np.random.default_rng(3)
+  a = {"w": rng.normal(size=(3, 4)), "b": [rng.normal(size=5), np.float64(2.5)]}
+  b = {"w": rng.normal(size=(3, 4)), "b": [rng.normal(size=5), np.float64(-1.0)]}
+  flat = lambda t: np.concatenate([t["w"].ravel(), t["b"][0], [t["b"][1]]])
+  np.testing.assert_allclose(hg.tree_vdot(a, b), flat(a) @ flat(b), rtol=1e-13)
+  np.testing.assert_allclose(jax.jit(hg.tree_norm)(a), np.linalg.norm(flat(a)), rtol=1e-13)
+  assert bool(hg.tree_all_finite(a)) and bool(hg.tree_all_finite({**a, "step": np.int32(7)}))
+  for bad in (np.nan, np.inf, -np.inf):
+    c = {"w": a["w"].copy(), "b": a["b"]}
+    c["w"][2, 1] = bad
+    assert not bool(hg.tree_all_finite(c)) and not bool(jax.jit(hg.tree_all_finite)(c))
+  with pytest.raises(ValueError, match="different trees"):
+    hg.tree_vdot(a, {"w": b["w"]})
+  with pytest.raises(ValueError, match="shapes"):
+    hg.tree_vdot(a, {"w": b["w"].T, "b": b["b"]})
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_tree_clip_by_norm_equals_optax(max_norm):
+  """The search's clip (one-reduction norm) against optax.clip_by_global_norm, above and
+  below the threshold, and the clipped norm is max_norm when clipping."""
+  import optax
+  rng = np.random.default_rng(4)
+  g = {"a": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+       "b": jnp.asarray(rng.normal(size=7), jnp.float32)}
+  ours = hg.tree_clip_by_norm(g, max_norm)
+  theirs, _ = optax.clip_by_global_norm(max_norm).update(g, optax.EmptyState())
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+  norm = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g))))
+  expected = min(norm, max_norm)
+  np.testing.assert_allclose(float(hg.tree_norm(ours)), expected, rtol=1e-5)
