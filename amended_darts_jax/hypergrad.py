@@ -44,9 +44,10 @@ PRODUCTS = ("exact", "fd")
 def _end_to_end(leaves, dtype) -> jax.Array:
   """The leaves raveled and laid end to end as one vector of `dtype`.
 
-  A reduction over it is one XLA kernel (the concatenation fuses into it) where a
-  reduction per leaf is one kernel per leaf; a supernet has hundreds of leaves,
-  and on XLA:CPU every kernel adds to the compile (BUILD_NOTES.md).
+  A reduction over it is two XLA kernels (the concatenation, then the reduction)
+  where a reduction per leaf is one kernel per leaf and more to add them up; a
+  supernet has hundreds of leaves, and on XLA:CPU every kernel adds to the
+  compile (BUILD_NOTES.md).
   """
   if not leaves:
     return jnp.zeros((0,), dtype)
