@@ -333,10 +333,11 @@ class BatchNorm(nn.Module):
       bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
       params, per_channel = [scale, bias], [mean, mul * scale, bias]
     k = len(per_channel)
-    b = jnp.broadcast_to(jnp.stack(per_channel).reshape(k, *[1] * (x.ndim - 1), c), (k, *x.shape))
-    y = (x - b[0]) * b[1]
+    stacked_KC = jnp.stack(per_channel)
+    on_map = jnp.broadcast_to(stacked_KC.reshape(k, *[1] * (x.ndim - 1), c), (k, *x.shape))
+    y = (x - on_map[0]) * on_map[1]
     if self.affine:
-      y = y + b[2]
+      y = y + on_map[2]
     return y.astype(jnp.result_type(x, *params))
 
 
