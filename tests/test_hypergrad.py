@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -443,7 +444,6 @@ def test_tree_reductions_equal_numpy_on_the_raveled_leaves(x64):
 def test_tree_clip_by_norm_equals_optax(max_norm):
   """The search's clip (one-reduction norm) against optax.clip_by_global_norm, above and
   below the threshold, and the clipped norm is max_norm when clipping."""
-  import optax
   rng = np.random.default_rng(4)
   g = {"a": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
        "b": jnp.asarray(rng.normal(size=7), jnp.float32)}
