@@ -27,7 +27,9 @@
 // Work is split over the images (B*E*N; B*N for the summed input gradient)
 // on XLA's intra-op thread pool; the calling
 // thread takes images too and waits only for images already being worked on,
-// so a busy pool cannot deadlock it.
+// so a busy pool cannot deadlock it. Every output element is summed in an
+// order fixed by the shapes alone, never by the threads' timing, so the same
+// call gives the same bits on any number of threads.
 
 #include <algorithm>
 #include <atomic>
@@ -156,7 +158,7 @@ inline bool WithFixedChannels(int64_t channels, F f) {
 // Calls f(std::integral_constant<int64_t, terms>{}) for the 1 to kMaxTerms
 // operand pairs of a call (Terms below), so that the loops over them have a
 // known length (with a runtime count the single-pair calls looked slower in a
-// raw-call A/B, BUILD_NOTES.md).
+// raw-call A/B).
 constexpr int64_t kMaxTerms = 4;
 
 template <typename F>
@@ -281,6 +283,13 @@ auto ByType(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> r, R
 
 enum class Kind { kForward, kInputGrad, kKernelGrad };
 
+// The kernel gradient sums each kernel's images in runs of at least
+// kBlockPixels output pixels, at most kKernelGradBlocks runs (Compute below):
+// enough work items for the pool, and each run's own partial sum (one more
+// pass over the kernel to zero, fill and add) small beside its work.
+constexpr int64_t kKernelGradBlocks = 64;
+constexpr int64_t kBlockPixels = 256;
+
 struct Empty {};
 
 // A call's operand pairs (a_t, b_t), t < count, all of one shape per side:
@@ -314,26 +323,53 @@ void Compute(ffi::ThreadPool& pool, const Geometry& g, const Terms<T>& terms, T*
   const Window forward{g.H, g.W, g.Ho, g.Wo, g.K, g.s, g.p, g.d};
   const Window transposed{g.Ho, g.Wo, g.H, g.W, g.K, 1, g.d * (g.K - 1) - g.p, g.d};  // stride 1
   if constexpr (kind == Kind::kKernelGrad) {
+    // Kernel q sums its N images (q * N + n). They are cut into `blocks`
+    // contiguous runs fixed by the shapes alone; each run sums into its own
+    // slot, in image order, and the slots are added in run order, so the
+    // result does not depend on which thread took which run or when it
+    // finished. Slots are a cache line apart, so neighbouring runs share none.
     const int64_t kernels = g.B * g.E;
-    std::fill(r, r + kernels * kernel, T(0));
-    using Acc = std::vector<T>;  // one worker's sums for all B*E kernels
+    const int64_t per_block = std::max<int64_t>(1, (kBlockPixels + g.Ho * g.Wo - 1) /
+                                                       std::max<int64_t>(1, g.Ho * g.Wo));
+    const int64_t blocks = std::min<int64_t>((g.N + per_block - 1) / per_block, kKernelGradBlocks);
+    if (blocks == 0) {  // no images: the gradient is zero
+      std::fill(r, r + kernels * kernel, T(0));
+      return;
+    }
+    constexpr int64_t kLine = 64 / sizeof(T);
+    const int64_t slot = (kernel + kLine - 1) / kLine * kLine + kLine;
+    std::unique_ptr<T[]> partial(new T[kernels * blocks * slot]);
+    using Acc = std::vector<T>;  // a worker's sum of the run it is on, copied to its slot at the end
     ParallelImages<Acc>(
-        pool, kernels * g.N, [&] { return Acc(kernels * kernel, T(0)); },
-        [&](int64_t image, Acc& acc) {
-          const T* x[kMaxTerms];
-          const T* gy[kMaxTerms];
-          terms.At(x_image(image), image * out_image, x, gy);
-          T* dk = acc.data() + (image / g.N) * kernel;
-          if (KernelGradImage(g, count, x, gy, dk)) return;
-          for (int64_t t = 0; t < count; ++t) {
-            ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
-              MultiplyAdd(dk + tap, x[t] + in, gy[t] + out, C);
-            });
+        pool, kernels * blocks, [&] { return Acc(kernel); },
+        [&](int64_t item, Acc& acc) {
+          const int64_t q = item / blocks, block = item % blocks;
+          T* dk = acc.data();
+          std::fill(dk, dk + kernel, T(0));
+          for (int64_t n = block * g.N / blocks; n < (block + 1) * g.N / blocks; ++n) {
+            const int64_t image = q * g.N + n;
+            const T* x[kMaxTerms];
+            const T* gy[kMaxTerms];
+            terms.At(x_image(image), image * out_image, x, gy);
+            if (KernelGradImage(g, count, x, gy, dk)) continue;
+            for (int64_t t = 0; t < count; ++t) {
+              ForEachTap(g, [&](int64_t in, int64_t out, int64_t tap) {
+                MultiplyAdd(dk + tap, x[t] + in, gy[t] + out, C);
+              });
+            }
           }
+          std::copy(dk, dk + kernel, partial.get() + item * slot);
         },
-        [&](Acc& acc) {
-          for (int64_t e = 0; e < kernels * kernel; ++e) r[e] += acc[e];
-        });
+        [](Acc&) {});
+    for (int64_t q = 0; q < kernels; ++q) {  // the runs' sums, in run order
+      T* dk = r + q * kernel;
+      const T* first = partial.get() + q * blocks * slot;
+      std::copy(first, first + kernel, dk);
+      for (int64_t block = 1; block < blocks; ++block) {
+        const T* part = first + block * slot;
+        for (int64_t e = 0; e < kernel; ++e) dk[e] += part[e];
+      }
+    }
   } else if constexpr (kind == Kind::kForward) {
     ParallelImages<Empty>(
         pool, g.B * EN, [] { return Empty{}; },

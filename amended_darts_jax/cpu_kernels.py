@@ -88,7 +88,8 @@ def _compiler() -> str | None:
   return None
 
 
-def _build(path: pathlib.Path) -> None:
+def build(path: pathlib.Path, source: pathlib.Path = SOURCE) -> None:
+  """Compiles `source` (by default this package's cpu_kernels.cc) into the library `path`."""
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set CXX)")
@@ -98,12 +99,12 @@ def _build(path: pathlib.Path) -> None:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
   os.close(fd)
   cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-         "-fno-math-errno", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+         "-fno-math-errno", f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
   try:
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
       last = (out.stderr.strip().splitlines() or ["no message"])[-1]
-      raise RuntimeError(f"{cxx} failed on {SOURCE.name} (exit status {out.returncode}): "
+      raise RuntimeError(f"{cxx} failed on {source.name} (exit status {out.returncode}): "
                          f"{last}\ncommand: {' '.join(cmd)}\n{out.stderr[-4000:]}")
     os.replace(tmp, path)
   finally:
@@ -120,7 +121,7 @@ def available() -> bool:
       try:
         path = library_path()
         if not path.exists():
-          _build(path)
+          build(path)
         lib = ctypes.cdll.LoadLibrary(str(path))
         for short, symbol in _TARGETS.items():
           jax.ffi.register_ffi_target(_PREFIX + short, jax.ffi.pycapsule(getattr(lib, symbol)),
