@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -21,11 +22,17 @@ def workdir() -> str:
 
 
 class _QuietLibraries:
-  """Drops INFO records of chatty libraries (orbax's dozens of lines per checkpoint)."""
+  """Drops INFO records of chatty libraries (orbax's dozens of lines per checkpoint), and
+  orbax's logged tracebacks: the exception reaches the caller (checkpointing.py), which
+  reports it in one sentence."""
   NOISY = ("/orbax/", "/xla_bridge.py", "/tensorstore/")
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+    if not any(n in record.pathname for n in self.NOISY):
+      return True
+    if "/orbax/" in record.pathname and record.exc_info:
+      return False
+    return record.levelno >= 30
 
 
 def quiet_libraries() -> None:
@@ -36,11 +43,34 @@ def launch(main: Callable[..., None], default_config: str) -> None:
   """Defines --config (default: configs/<default_config>) and runs main under absl."""
   quiet_libraries()
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", default_config)
-  config = config_flags.DEFINE_config_file("config", path, "Config file (a Python file with "
-                                           "get_config()); fields override as --config.FIELD.",
-                                           lock_config=True)
+  # ml_collections reads the --config.FIELD overrides already here, and in parsing.
+  with _unknown_field_exits():
+    config = config_flags.DEFINE_config_file("config", path, "Config file (a Python file with "
+                                             "get_config()); fields override as --config.FIELD.",
+                                             lock_config=True)
   flags.mark_flag_as_required("workdir")
-  app.run(functools.partial(main, config_flag=config))
+
+  def parse(argv):
+    with _unknown_field_exits():
+      return app.parse_flags_with_usage(argv)
+
+  app.run(functools.partial(main, config_flag=config), flags_parser=parse)
+
+
+@contextlib.contextmanager
+def _unknown_field_exits():
+  """An override of a field the config lacks (a locked ConfigDict's KeyError) is one line, exit 1."""
+  try:
+    yield
+  except (AttributeError, KeyError) as e:
+    message = e
+    while isinstance(message, BaseException) and message.args:
+      message = message.args[0]
+    name, _, hint = str(message).partition("\n")
+    name = name.strip("\"'")
+    hint = f" ({hint.strip()})" if hint.strip() else ""
+    print(f"error: --config.{name}: the config has no field {name!r}{hint}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run_or_exit(fn: Callable[[], Any]) -> Any:

@@ -1,7 +1,7 @@
 """Architecture gradients of bilevel NAS: exact and finite-difference products.
 
 Everything here works for any loss `loss_fn(omega, alpha, batch) -> scalar` over
-arbitrary pytrees; nothing knows about the supernet. Notation follows MATH.md:
+arbitrary pytrees; nothing knows about the supernet. Notation follows docs/math.md §1-3:
 
     g  = g1 + g2,   g1 = dLv/da,   g2 = -M H^-1 v                 (paper eq. 2, 5)
     H  = d2 Lt / dw2 (+ wd I),      M u = d/da <dLt/dw, u>,        v = dLv/dw
@@ -104,9 +104,9 @@ def tree_zeros_like(a: PyTree) -> PyTree:
 
 
 def tree_cosine(a: PyTree, b: PyTree, eps: float = 1e-30) -> jax.Array:
-  """<a, b> / (|a| |b|); 0 where either is zero."""
+  """<a, b> / (|a| |b|); NaN where either is zero (no angle is defined there)."""
   denom = tree_norm(a) * tree_norm(b)
-  return jnp.where(denom > eps, tree_vdot(a, b) / jnp.maximum(denom, eps), 0.0)
+  return jnp.where(denom > eps, tree_vdot(a, b) / jnp.maximum(denom, eps), jnp.nan)
 
 
 def tree_all_finite(a: PyTree) -> jax.Array:
@@ -168,7 +168,7 @@ def grad_and_hvp(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, has_aux=F
   """One forward-over-reverse pass: `(dLt/dw, (H + wd I) v, (Lt, aux))`.
 
   The primal of the jvp is the training gradient at `omega`, which the weight
-  step can reuse; the tangent is the Hessian-vector product (MATH.md, "one jvp
+  step can reuse; the tangent is the Hessian-vector product (docs/math.md §4, "one jvp
   of grad(Lt) along v").
   """
   g_w, hv, loss_aux = jax.jvp(
@@ -226,7 +226,7 @@ def _central_difference(grad_fn, omega, u, r):
 
 
 def hvp_fd(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, r=0.01, has_aux=False):
-  """(H + wd I) v by central differences of dL/dw, step r / |v| (MATH.md)."""
+  """(H + wd I) v by central differences of dL/dw, step r / |v| (docs/math.md §5)."""
   hv = _central_difference(_grad_w(loss_fn, alpha, batch, has_aux), omega, v, r)
   return _plus_shift(hv, weight_decay, v)  # the decay term is linear: added exactly
 
@@ -251,7 +251,7 @@ def amended_term(loss_fn, omega, alpha, batch, v, *, eta, weight_decay=0.0,
   """g2' = -eta M (H + wd I) v, the amended term (paper eq. 6).
 
   With products="fd" both products are central differences: Hv with step
-  r / |v|, then M u with u = Hv and step r / |u| (MATH.md, corrected A.2).
+  r / |v|, then M u with u = Hv and step r / |u| (docs/math.md §5; the paper's A.2 corrected, §7).
   """
   return _amended(loss_fn, omega, alpha, batch, v, eta=eta, weight_decay=weight_decay,
                   products=products, r=r, has_aux=has_aux)[0]
@@ -263,8 +263,8 @@ def _amended(loss_fn, omega, alpha, batch, v, *, eta, weight_decay, products, r,
   if products == "exact":
     # One linearization gives dLt/dw (its primal; the weight step reuses it), then
     # its tangent map (H + wd I) v and M u. Two separate jvps (grad_and_hvp, then
-    # mixed_vp) would repeat the primal pass; at darts_5 they measured 1.34x
-    # slower, with 23% more XLA temporaries (BUILD_NOTES.md).
+    # mixed_vp) would repeat the primal pass; at darts_5 they took 1.34x the time
+    # and more XLA temporaries (BUILD_NOTES.md, the math core).
     g_w, tangent, loss_aux = linearized_grad(loss_fn, omega, alpha, batch, has_aux=has_aux)
     u = _plus_shift(tangent(v)[0], weight_decay, v)  # (H + wd I) v
     mu = tangent(u)[1]
@@ -278,7 +278,7 @@ def _amended(loss_fn, omega, alpha, batch, v, *, eta, weight_decay, products, r,
 
 def darts_term(loss_fn, omega, alpha, batch, v, *, xi, products="exact", r=0.01,
                has_aux=False):
-  """g2'' = -xi M v, the second-order DARTS term (DARTS eq. 7; MATH.md).
+  """g2'' = -xi M v, the second-order DARTS term (DARTS eq. 7; docs/math.md §3).
 
   `v` is the validation gradient at the unrolled weights w' = w - xi dLt/dw and
   M is taken at `omega` (the weights before unrolling), as DARTS does. With

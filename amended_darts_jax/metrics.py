@@ -1,4 +1,9 @@
-"""One writer for metrics: JSON lines (metrics.jsonl) and TensorBoard events, on process 0."""
+"""One writer for metrics: JSON lines (metrics.jsonl) and TensorBoard events, on process 0.
+
+Each JSON line is flushed as it is written; TensorBoard's events are flushed at
+every checkpoint (`flush`). A writer opened for a run resumed at step k tells
+TensorBoard to drop the events a killed run had logged after k (`purge_step`).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from amended_darts_jax import rundir
+
 
 class MetricWriter:
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resumed_step: int = 0):
     self.enabled = enabled
     self._jsonl = self._tb = None
     if not enabled:
@@ -20,7 +27,8 @@ class MetricWriter:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=resumed_step + 1 if resumed_step else None)
     except ImportError:  # TensorBoard events are optional; metrics.jsonl is always written
       self._tb = None
 
@@ -34,6 +42,10 @@ class MetricWriter:
       for key, value in record.items():
         if key not in ("step", "kind") and isinstance(value, (int, float)) and math.isfinite(value):
           self._tb.add_scalar(f"{kind}/{key}" if kind else key, value, record["step"])
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
 
   def close(self) -> None:
     if self._jsonl is not None:
@@ -49,14 +61,9 @@ def mean_of(records: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def read(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
-  """Records of metrics.jsonl (of one kind); where a resumed run repeated a step, the last wins."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
+  """Records of metrics.jsonl (of one kind), by step; a torn last line is skipped."""
   records = {}
-  with open(path) as f:
-    for line in f:
-      r = json.loads(line)
-      if kind is None or r.get("kind") == kind:
-        records[(r.get("kind"), r.get("step"))] = r
+  for r in rundir.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+    if kind is None or r.get("kind") == kind:
+      records[(r.get("kind"), r.get("step"))] = r
   return sorted(records.values(), key=lambda r: r.get("step", 0))

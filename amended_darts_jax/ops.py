@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from amended_darts_jax import cpu_kernels
 from amended_darts_jax.errors import ConfigError
@@ -160,6 +161,25 @@ def resolve_depthwise_impl(impl: str, kernel_size: int, channels: int = 0,
     dense = shared_input and channels <= DENSE_MAX_CHANNELS and not covers_map
     return "dense" if dense else "shift"
   return impl
+
+
+def check_depthwise_impl(impl: str) -> None:
+  """Checks `impl` on this backend and says in one log line whether "auto" takes the C++ kernels.
+
+  Touches the backend: a multi-process run calls it after jax.distributed.initialize.
+  """
+  resolve_depthwise_impl(impl, 3)  # ConfigError where "kernel" cannot run
+  if impl != "auto" or jax.default_backend() != "cpu":
+    return
+  if jax.device_count() > 1:
+    logging.info("the C++ depthwise and max-pooling kernels are off: the batch is sharded over "
+                 "%d devices and XLA cannot split a custom call; using the pure-JAX formulations",
+                 jax.device_count())
+  elif cpu_kernels.available():
+    logging.info("the C++ depthwise and max-pooling kernels are on (one CPU device)")
+  elif cpu_kernels.SWITCH_ENV in cpu_kernels.why_unavailable():  # a failed build warned already
+    logging.info("the C++ depthwise and max-pooling kernels are off (%s); using the pure-JAX "
+                 "formulations", cpu_kernels.why_unavailable())
 
 
 def out_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
@@ -304,7 +324,8 @@ class BatchNorm(nn.Module):
   forward-over-reverse products, where flax's separate broadcasts give one
   reduction each. The arithmetic is flax's: y = (x - mean) * rsqrt(var + eps)
   * scale + bias. (Stacking the two statistics' reductions as well made more
-  kernels and slower steps on XLA:CPU; BUILD_NOTES.md has the figures.)
+  kernels and slower steps on XLA:CPU: the stack copies the map, where XLA
+  already takes both means in one pass.)
   """
   use_running_average: bool
   affine: bool

@@ -1,20 +1,35 @@
 """What a run keeps in its work directory, shared by the search and the retraining.
 
 The config of the run (a restarted run must match it, except in fields that do
-not change the math), JSON files written atomically, the data position stored
-in checkpoints, and JAX's persistent compilation cache.
+not change the math), JSON files written atomically and durably, the JSON-lines
+logs cut back to the step a resumed run restarts from, and JAX's persistent
+compilation cache.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
+from absl import logging
 
-from amended_darts_jax.errors import ConfigError
+from amended_darts_jax.errors import ConfigError, UserError
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates workdir if need be and checks that files can be written in it (one clear error)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"the workdir {workdir} exists and is not a directory")
+  probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.unlink(probe)
+  except OSError as e:
+    raise UserError(f"cannot write in the workdir {workdir}: {e.strerror}") from None
 
 
 def check_resumable(workdir: str, cfg, resumable_fields: Sequence[str]) -> None:
@@ -22,36 +37,101 @@ def check_resumable(workdir: str, cfg, resumable_fields: Sequence[str]) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} cannot be read ({getattr(e, 'msg', None) or e}), so the run in "
+                      f"{workdir} cannot be checked for resuming; restore or remove that file, or "
+                      "use a new workdir") from None
   current = json.loads(cfg.to_json())
+  # Compared as JSON text, so that a value equals itself even where it is NaN.
+  same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
   diffs = [k for k in sorted(set(saved) | set(current))
-           if k not in resumable_fields and saved.get(k) != current.get(k)]
+           if k not in resumable_fields and not same(saved.get(k), current.get(k))]
   if diffs:
     k = diffs[0]
     raise ConfigError(f"{workdir} holds a run with a different config ({k}: {saved.get(k)!r} "
                       f"there, {current.get(k)!r} now); resume it unchanged or use a new workdir")
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes JSON to a temporary file and renames it: a reader never sees half a file."""
+def _replace_durably(tmp: str, path: str) -> None:
+  """Renames tmp (flushed and closed) over path after syncing it, then syncs the directory."""
+  os.replace(tmp, path)
+  try:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:  # some file systems cannot sync a directory
+    pass
+  finally:
+    os.close(fd)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes text to a temporary file, syncs it and renames it: a reader never sees half a file."""
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  _replace_durably(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """`write_text` of obj as indented JSON."""
+  write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a JSON-lines file; a torn line (a write cut short) is skipped."""
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        logging.warning("%s: line %d is not complete JSON; skipped", path, number)
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
+
+
+def cut_jsonl(path: str, keep: Callable[[dict[str, Any]], bool]) -> None:
+  """Rewrites a JSON-lines file (atomically) with only the records `keep` accepts."""
+  if not os.path.exists(path):
+    return
+  write_text(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if keep(r)))
+
+
+def cut_logs_to(workdir: str, step: int) -> None:
+  """Makes metrics.jsonl and alpha_history.jsonl hold what a run that reached `step` wrote.
+
+  A run killed after its checkpoint of `step` logged more steps; resumed from
+  that checkpoint it logs them again, so each file keeps the records up to the
+  step and each step appears once. Monitor records (written before their step)
+  and the record of a start at `step` are written again, so only those before
+  it stay; at step 0 nothing stays. Process 0 only.
+  """
+  if jax.process_index() != 0:
+    return
+  before_or_after_step = lambda r: r.get("step", 0) < step or (
+      r.get("step") == step and r.get("kind") in ("step", "epoch"))
+  cut_jsonl(os.path.join(workdir, "metrics.jsonl"), before_or_after_step)
+  cut_jsonl(os.path.join(workdir, "alpha_history.jsonl"), lambda r: r.get("step", 0) <= step)
 
 
 def setup_compilation_cache(directory: str) -> None:
   if directory:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
-def data_position(step: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-  """Epoch and batch within it, stored beside the state (batches are a function of the step)."""
-  epoch, within = divmod(step, steps_per_epoch)
-  return {"epoch": np.asarray(epoch, np.int64), "batch_in_epoch": np.asarray(within, np.int64)}
 
 
 def hms(seconds: float) -> str:

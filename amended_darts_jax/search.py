@@ -6,8 +6,9 @@ One step = the architecture step (Adam on alpha with `hypergrad.arch_gradient`
 of the configured method) followed by the weight step (SGD with momentum,
 cosine schedule, weight decay, clipping) that reuses the training gradient the
 architecture step computed where it computed one. Everything under DIR:
-checkpoints/, genotype.json, alphas.json, alpha_history.jsonl, config.json,
-metrics.jsonl, TensorBoard events, figure1.png and cells.{png,svg,dot}.
+checkpoints/ and checkpoint_digests/ (checkpointing.py), genotype.json,
+alphas.json, alpha_history.jsonl, config.json, metrics.jsonl, TensorBoard
+events, figure1.png and cells.{png,svg,dot}.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ if __name__ == "__main__":  # first, before jax loads: rerun once with huge page
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable
@@ -32,7 +34,7 @@ import optax
 from absl import logging
 
 from amended_darts_jax import (checkpointing, hypergrad, input_pipeline, ops, parallel, plots,
-                               rundir, spaces, supernet)
+                               rundir, spaces, supernet, validation)
 from amended_darts_jax.errors import ConfigError
 from amended_darts_jax import metrics as metrics_lib
 from amended_darts_jax.metrics import MetricWriter
@@ -76,22 +78,27 @@ class StepConfig:
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  """Checks every field that can be checked without a JAX backend; ConfigError names the first bad one."""
   spaces.get_space(cfg.space)
-  for field, allowed in (("method", hypergrad.METHODS), ("products", hypergrad.PRODUCTS),
-                         ("activation", tuple(ops.ACTIVATIONS)),
-                         ("depthwise_impl", ops.DEPTHWISE_IMPLS),
-                         ("dataset", input_pipeline.DATASETS)):
-    if cfg[field] not in allowed:
-      raise ConfigError(f"config.{field}={cfg[field]!r} is not one of {', '.join(allowed)}")
-  ops.resolve_depthwise_impl(cfg.depthwise_impl, 3)  # "kernel" where it cannot run
-  if cfg.batch_size <= 0 or cfg.epochs <= 0 or cfg.layers < 1 or cfg.init_channels < 1:
-    raise ConfigError("batch_size, epochs, layers and init_channels must be positive")
+  positive = ("batch_size", "epochs", "layers", "init_channels", "log_every", "checkpoint_every",
+              "lr", "arch_lr", "grad_clip", "fd_r", "cg_maxiter", "cg_tol", "monitor_cg_iters",
+              "monitor_power_iters")
+  non_negative = ("eta", "max_steps", "lr_min", "weight_decay", "arch_weight_decay", "damping",
+                  "eval_every_epochs", "monitor_every", "crop_padding", "cutout", "seed")
+  validation.check(cfg, {
+      "method": validation.one_of(hypergrad.METHODS),
+      "products": validation.one_of(hypergrad.PRODUCTS),
+      "activation": validation.one_of(tuple(ops.ACTIVATIONS)),
+      "depthwise_impl": validation.one_of(ops.DEPTHWISE_IMPLS),
+      "dataset": validation.one_of(input_pipeline.DATASETS),
+      **dict.fromkeys(positive, validation.POSITIVE),
+      **dict.fromkeys(non_negative, validation.NON_NEGATIVE),
+      **dict.fromkeys(("momentum", "arch_beta1", "arch_beta2"), validation.FRACTION),
+      "train_portion": validation.OPEN_UNIT})
   if cfg.init_channels % 2:
     raise ConfigError(f"init_channels must be even (factorized reduce halves it), "
                       f"got {cfg.init_channels}")
-  for field in ("log_every", "checkpoint_every"):
-    if cfg[field] <= 0:
-      raise ConfigError(f"config.{field} must be positive, got {cfg[field]}")
+  validation.check_cluster(cfg)
 
 
 def make_model(cfg, num_classes: int) -> supernet.Supernet:
@@ -286,23 +293,22 @@ def collapse_stats(space: spaces.SearchSpace, alpha) -> dict[str, float]:
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) a search in workdir; returns a summary of the final state."""
   t_run = time.perf_counter()
-  validate_config(cfg)
+  validate_config(cfg)  # nothing before jax.distributed.initialize touches a backend
   rundir.setup_compilation_cache(cfg.compilation_cache_dir)
+  if cfg.distributed:
+    parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+  ops.check_depthwise_impl(cfg.depthwise_impl)
   if cfg.remat and remat_ineffective():
     logging.warning("config.remat=True does not shrink XLA:CPU's buffer plan under jax %s "
                     "(measured with 0.10.2; it does under 0.11.2 and 0.12, BUILD_NOTES.md): the step "
                     "will take longer for no memory saved", jax.__version__)
-  if cfg.distributed:
-    parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-  os.makedirs(workdir, exist_ok=True)
+  rundir.prepare_workdir(workdir)
   rundir.check_resumable(workdir, cfg, RESUMABLE_FIELDS)
   space = spaces.get_space(cfg.space)
   mesh = parallel.make_mesh()
   parallel.check_batch_split(cfg.batch_size, mesh)
   parallel.log_devices(mesh)
   is_main = jax.process_index() == 0
-  if is_main:
-    rundir.write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json()))
 
   # Data: the training split divided into search-train and search-validation halves.
   splits, info = input_pipeline.load(cfg.dataset, cfg.data_dir, cfg.download)
@@ -328,12 +334,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state = parallel.put_replicated(state, mesh)
 
   checkpointer = checkpointing.Checkpointer(workdir)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    like = {"state": state, "data": rundir.data_position(0, 1)}
-    restored = checkpointer.restore(latest, like)
-    state = restored["state"]
-    logging.info("resumed from the checkpoint of step %d", latest)
+  restored = checkpointer.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from the checkpoint of step %d", int(state.step))
   start_step = int(state.step)
 
   # Compile once, ahead of time: the run never retraces.
@@ -356,16 +360,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                            cfg.monitor_cg_iters),
                          in_shardings=(repl, shard, shard), out_shardings=repl)
 
-  writer = MetricWriter(workdir, enabled=is_main)
-  writer.write({"kind": "setup", "step": start_step, "compile_s": compile_s,
+  # The run has started: its config is the workdir's, its logs are cut back to its first step.
+  if is_main:
+    rundir.write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json()))
+  rundir.cut_logs_to(workdir, start_step)
+  writer = MetricWriter(workdir, enabled=is_main, resumed_step=start_step)
+  writer.write({"kind": "resume" if start_step else "setup", "step": start_step,
+                "compile_s": compile_s,
                 "startup_s": startup_s,
                 "devices": parallel.describe(mesh), "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps})
   history_path = os.path.join(workdir, "alpha_history.jsonl")
 
   def checkpoint(state_now):
-    checkpointer.save_or_stop(state_now, steps_per_epoch)
+    writer.flush()  # first: once a checkpoint exists, the events up to it are on disk
+    checkpointer.save_or_stop(state_now)
 
+  negative_curvature = NegativeCurvatureNote(cfg.damping)
   pending: list[dict[str, jax.Array]] = []
   train_iter = train_batches.iterate(start_step)
   val_iter = val_batches.iterate(start_step)
@@ -376,8 +387,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       train_batch = parallel.put_batch(next(train_iter), mesh)
       val_batch = parallel.put_batch(next(val_iter), mesh)
       if monitor_fn is not None and step % cfg.monitor_every == 0:
-        mon = jax.device_get(monitor_fn(state, train_batch, val_batch))
-        writer.write({"kind": "monitor", "step": step, **_floats(mon)})
+        mon = _floats(jax.device_get(monitor_fn(state, train_batch, val_batch)))
+        negative_curvature.check(mon, step, "the monitor's reference g2")
+        # A cosine with a zero vector is NaN: left out of the record.
+        writer.write({"kind": "monitor", "step": step,
+                      **{k: v for k, v in mon.items() if math.isfinite(v)}})
       state, metrics = compiled_step(state, train_batch, val_batch)
       pending.append(metrics)
       steps_since_log += 1
@@ -386,6 +400,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if done % cfg.log_every == 0 or epoch_end:
         averaged = metrics_lib.mean_of(pending)
         pending = []
+        negative_curvature.check(averaged, done, "the implicit term")
         if int(state.bad_step) >= 0:
           checkpoint(state)  # raises NonFiniteError naming the step
         now = time.perf_counter()
@@ -432,6 +447,22 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     visualize.render(genotype, os.path.join(workdir, "cells"))
   logging.info("genotype: %s", json.dumps(genotype.to_dict()))
   return summary
+
+
+class NegativeCurvatureNote:
+  """Logs once per run that conjugate gradient met negative curvature, with the remedy."""
+
+  def __init__(self, damping: float):
+    self.damping, self.said = damping, False
+
+  def check(self, metrics: dict[str, float], step: int, what: str) -> None:
+    if self.said or not metrics.get("cg_negative_curvature", 0.0) > 0:
+      return
+    self.said = True
+    logging.warning("conjugate gradient for %s met negative curvature by step %d: H + (weight "
+                    "decay + damping) I is not positive definite there, so the solve is not "
+                    "H^-1 v; raise config.damping (now %g). Said once per run; the metric "
+                    "cg_negative_curvature counts it per step", what, step, self.damping)
 
 
 def _evaluate(eval_fn, state, source, info, batch_size, mesh) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Search spaces, alphas, genotypes and discretization (MATH.md, "Search spaces").
+"""Search spaces, alphas, genotypes and discretization (docs/math.md §12).
 
 A cell has two inputs (states 0 and 1: c_{k-2}, c_{k-1}) and `steps` intermediate
 nodes (states 2..steps+1); its output is the concatenation of the nodes. An edge
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amended_darts_jax import rundir
 from amended_darts_jax.errors import ConfigError, UserError
 
 PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3",
@@ -118,16 +119,14 @@ class Genotype:
 
   def save(self, path: str) -> None:
     """Writes the genotype as JSON, atomically (a partial file never replaces a good one)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      f.write(self.to_json() + "\n")
-    os.replace(tmp, path)
+    rundir.write_text(path, self.to_json() + "\n")
 
 
 def _parse_gene(gene: Any, where: str) -> Gene:
-  if not isinstance(gene, list) or not gene or len(gene) % 2:
-    raise GenotypeError(f"{where}: expected a non-empty list of an even number of "
-                        "[op, input] pairs")
+  if not isinstance(gene, list) or len(gene) != 2 * STEPS:
+    got = f"{len(gene)} pairs" if isinstance(gene, list) else type(gene).__name__
+    raise GenotypeError(f"{where}: a cell has {STEPS} nodes of 2 inputs each, so a gene is a "
+                        f"list of {2 * STEPS} [op, input] pairs; got {got}")
   pairs = []
   for k, pair in enumerate(gene):
     node = k // 2
@@ -148,6 +147,10 @@ def _parse_concat(concat: Any, where: str) -> tuple[int, ...]:
   if (not isinstance(concat, list) or not concat
       or not all(isinstance(c, int) and not isinstance(c, bool) for c in concat)):
     raise GenotypeError(f"{where}: expected a non-empty list of state indices")
+  wrong = [c for c in concat if not 0 <= c < STEPS + 2]
+  if wrong or len(set(concat)) != len(concat):
+    raise GenotypeError(f"{where}: expected distinct state indices in 0..{STEPS + 1} (the "
+                        f"cell's two inputs and {STEPS} nodes), got {concat}")
   return tuple(concat)
 
 
@@ -234,7 +237,7 @@ class SearchSpace:
       raise SpaceError(f"alpha for space {self.name!r} must have shapes {expected}, got {got}")
 
   def num_architectures(self, layers: int | None = None) -> int:
-    """The exact number of discrete architectures (MATH.md)."""
+    """The exact number of discrete architectures (docs/math.md §12)."""
     if self.discretize == "top2":
       choices = len([o for o in self.ops if o != "none"])
       per_cell = 1

@@ -4,8 +4,8 @@ r"""Retraining: a discrete network built from a genotype, trained from scratch a
 
 `config.genotype` is a published genotype's name (`DARTS_V1`, `DARTS_V2`) or the
 path of a `genotype.json` written by a search. Shares the input pipeline, the
-data parallelism and the checkpoints of the search. Under DIR: checkpoints/,
-config.json, metrics.jsonl (per logged step and per epoch, with the best and the
+data parallelism and the checkpoints of the search. Under DIR: checkpoints/
+and checkpoint_digests/, config.json, metrics.jsonl (per logged step and per epoch, with the best and the
 latest test accuracy), TensorBoard events and results.json at the end.
 """
 
@@ -17,6 +17,7 @@ if __name__ == "__main__":  # first, before jax loads: rerun once with huge page
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any, Callable
@@ -29,7 +30,7 @@ import optax
 from absl import logging
 
 from amended_darts_jax import (checkpointing, hypergrad, input_pipeline, networks, ops, parallel,
-                               rundir, spaces)
+                               rundir, spaces, validation)
 from amended_darts_jax.errors import ConfigError
 from amended_darts_jax import metrics as metrics_lib
 from amended_darts_jax.metrics import MetricWriter
@@ -155,24 +156,21 @@ def eval_step(model, params, batch_stats, batch):
 
 
 def validate_config(cfg) -> None:
-  if cfg.dataset not in input_pipeline.DATASETS:
-    raise ConfigError(f"config.dataset={cfg.dataset!r} is not one of "
-                      f"{', '.join(input_pipeline.DATASETS)}")
-  if cfg.lr_schedule not in ("cosine", "linear"):
-    raise ConfigError(f"config.lr_schedule={cfg.lr_schedule!r} is not one of cosine, linear")
-  if cfg.activation not in ops.ACTIVATIONS:
-    raise ConfigError(f"config.activation={cfg.activation!r} is not one of "
-                      f"{', '.join(ops.ACTIVATIONS)}")
-  if cfg.depthwise_impl not in ops.DEPTHWISE_IMPLS:
-    raise ConfigError(f"config.depthwise_impl={cfg.depthwise_impl!r} is not one of "
-                      f"{', '.join(ops.DEPTHWISE_IMPLS)}")
-  ops.resolve_depthwise_impl(cfg.depthwise_impl, 3)  # "kernel" where it cannot run
-  for field in ("epochs", "batch_size", "init_channels", "layers", "log_every",
-                "checkpoint_every"):
-    if cfg[field] <= 0:
-      raise ConfigError(f"config.{field} must be positive, got {cfg[field]}")
-  if not 0.0 <= cfg.ema_decay < 1.0:
-    raise ConfigError(f"config.ema_decay must be in [0, 1), got {cfg.ema_decay}")
+  """Checks every field that can be checked without a JAX backend; ConfigError names the first bad one."""
+  positive = ("epochs", "batch_size", "init_channels", "layers", "log_every", "checkpoint_every",
+              "lr", "grad_clip", "image_size")
+  non_negative = ("lr_min", "weight_decay", "auxiliary_weight", "max_steps", "eval_every_epochs",
+                  "crop_padding", "cutout", "seed")
+  validation.check(cfg, {
+      "dataset": validation.one_of(input_pipeline.DATASETS),
+      "lr_schedule": validation.one_of(("cosine", "linear")),
+      "activation": validation.one_of(tuple(ops.ACTIVATIONS)),
+      "depthwise_impl": validation.one_of(ops.DEPTHWISE_IMPLS),
+      **dict.fromkeys(positive, validation.POSITIVE),
+      **dict.fromkeys(non_negative, validation.NON_NEGATIVE),
+      **dict.fromkeys(("momentum", "drop_path_prob", "label_smoothing", "ema_decay"),
+                      validation.FRACTION)})
+  validation.check_cluster(cfg)
 
 
 def _image_shape(cfg) -> tuple[int, int, int]:
@@ -220,14 +218,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rundir.setup_compilation_cache(cfg.compilation_cache_dir)
   if cfg.distributed:
     parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-  os.makedirs(workdir, exist_ok=True)
+  ops.check_depthwise_impl(cfg.depthwise_impl)
+  rundir.prepare_workdir(workdir)
   rundir.check_resumable(workdir, cfg, RESUMABLE_FIELDS)
   mesh = parallel.make_mesh()
   parallel.check_batch_split(cfg.batch_size, mesh)
   parallel.log_devices(mesh)
   is_main = jax.process_index() == 0
-  if is_main:
-    rundir.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
 
   splits, info = input_pipeline.load(cfg.dataset, cfg.data_dir, cfg.download)
   resize = cfg.image_size if cfg.dataset in IMAGENET_LIKE else 0
@@ -249,14 +246,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   n_params = networks.count_params(state.params)
 
   checkpointer = checkpointing.Checkpointer(workdir)
-  latest = checkpointer.latest_step()
+  restored = checkpointer.restore_latest(state)
   best = {"top1": 0.0, "top5": 0.0}
-  if latest is not None:
-    like = {"state": state, "data": rundir.data_position(0, 1)}
-    state = checkpointer.restore(latest, like)["state"]
-    logging.info("resumed from the checkpoint of step %d", latest)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from the checkpoint of step %d", int(state.step))
     for r in metrics_lib.read(workdir, "epoch"):
-      if r["step"] <= latest:
+      if r["step"] <= int(state.step):
         best = {"top1": max(best["top1"], r["test_top1"]),
                 "top5": max(best["top5"], r["test_top5"])}
   start_step = int(state.step)
@@ -272,13 +268,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_fn = jax.jit(functools.partial(eval_step, model), in_shardings=(repl, repl, shard),
                     out_shardings=repl)
 
-  writer = MetricWriter(workdir, enabled=is_main)
-  writer.write({"kind": "setup", "step": start_step, "compile_s": compile_s,
+  # The run has started: its config is the workdir's, its logs are cut back to its first step.
+  if is_main:
+    rundir.write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json()))
+  rundir.cut_logs_to(workdir, start_step)
+  writer = MetricWriter(workdir, enabled=is_main, resumed_step=start_step)
+  writer.write({"kind": "resume" if start_step else "setup", "step": start_step,
+                "compile_s": compile_s,
                 "devices": parallel.describe(mesh), "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps, "params": n_params})
 
   def checkpoint(state_now):
-    checkpointer.save_or_stop(state_now, steps_per_epoch)
+    writer.flush()  # first: once a checkpoint exists, the events up to it are on disk
+    checkpointer.save_or_stop(state_now)
 
   def evaluate(s_state):
     params = s_state.ema_params if s_state.ema_params is not None else s_state.params

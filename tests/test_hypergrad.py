@@ -256,7 +256,7 @@ def toy_a1(x):
 @pytest.mark.parametrize("a_t", [-1.5, 0.7, 2.0])
 @pytest.mark.parametrize("eta", [0.1, 0.5])
 def test_toy_a1_closed_form(a_t, eta):
-  """MATH.md A.1: L = (w x - a)^2, x_train = 1, x_val = 2, at w = w*(a) = a."""
+  """docs/math.md §10, the A.1 toy: L = (w x - a)^2, x_train = 1, x_val = 2, at w = w*(a) = a."""
   lt, lv = toy_a1(1.0), toy_a1(2.0)
   omega, alpha = {"w": jnp.array(a_t)}, {"a": jnp.array(a_t)}
   g, aux = hg.arch_gradient(lt, lv, omega, alpha, None, None, method="implicit", cg_tol=1e-14)
@@ -276,7 +276,7 @@ def test_toy_a1_closed_form(a_t, eta):
 
 @pytest.mark.usefixtures("x64")
 def test_counterexample_has_negative_inner_product():
-  """MATH.md: H = diag(1, 10), M = [1, 1], v = (1, -1), eta = 0.1 gives <g2', g2> = -0.81."""
+  """docs/math.md §8: H = diag(1, 10), M = [1, 1], v = (1, -1), eta = 0.1 gives <g2', g2> = -0.81."""
   h = jnp.array([1.0, 10.0])
   lt = lambda w, a, b: 0.5 * jnp.sum(h * w["w"] ** 2) + a["a"] * jnp.sum(w["w"])
   lv = lambda w, a, b: w["w"][0] - w["w"][1]
@@ -290,6 +290,13 @@ def test_counterexample_has_negative_inner_product():
   assert_close(hg.tree_vdot(g2p, g2), -0.81, rtol=1e-12)
   assert_close(hg.tree_cosine(g2p, g2), -1.0, rtol=1e-12)
   assert abs(float(g2pp["a"])) < 1e-15
+
+
+def test_cosine_with_a_zero_vector_is_nan_not_zero():
+  """No angle is defined with a zero vector; 0 would read as 'orthogonal'."""
+  a, zero = {"x": jnp.array([1.0, 2.0])}, {"x": jnp.zeros(2)}
+  assert np.isnan(float(hg.tree_cosine(a, zero))) and np.isnan(float(hg.tree_cosine(zero, a)))
+  assert_close(hg.tree_cosine(a, {"x": jnp.array([-2.0, 1.0])}), 0.0, rtol=0.0, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------

@@ -114,21 +114,33 @@ def test_published_genotypes_by_name():
     spaces.get_genotype("DARTS_V3")
 
 
+def _gene(*changes):
+  """A valid 8-pair gene (every node: skips from its two predecessors) with pairs replaced."""
+  gene = [["skip_connect", src] for node in range(spaces.STEPS) for src in (node, node + 1)]
+  for k, pair in changes:
+    gene[k] = pair
+  return gene
+
+
+_GOOD = {"normal": _gene(), "reduce": _gene()}
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"normal": [["sep_conv_3x3", 0]]}', "needs 'normal' and 'reduce'"),
-    ('{"normal": [["sep_conv_3x3", 0], ["conv_9x9", 1]], "reduce": []}', "unknown operation 'conv_9x9'"),
-    ('{"normal": [["sep_conv_3x3", 0], ["skip_connect", 1], ["skip_connect", 3], ["skip_connect", 0]],'
-     ' "reduce": [["sep_conv_3x3", 0], ["skip_connect", 1]]}', "node 1 can take inputs 0..2, got 3"),
-    ('{"normal": [["sep_conv_3x3", 0]], "reduce": [["sep_conv_3x3", 0], ["skip_connect", 1]]}',
-     "even number"),
-    ('{"normal": [["none", 0], ["skip_connect", 1]], "reduce": [["skip_connect", 0], ["skip_connect", 1]]}',
-     "unknown operation 'none'"),
-    ('{"normal": [["sep_conv_3x3", "0"], ["skip_connect", 1]], "reduce": []}', "expected \\[op_name, input_index\\]"),
+    (json.dumps({"normal": _gene()}), "needs 'normal' and 'reduce'"),
+    (json.dumps({**_GOOD, "normal": _gene((1, ["conv_9x9", 1]))}), "unknown operation 'conv_9x9'"),
+    (json.dumps({**_GOOD, "normal": _gene((2, ["skip_connect", 3]))}),
+     "node 1 can take inputs 0..2, got 3"),
+    (json.dumps({**_GOOD, "reduce": _gene()[:7]}), "a gene is a list of 8 \\[op, input\\] pairs; got 7"),
+    (json.dumps({**_GOOD, "reduce": _gene() + _gene()[:2]}), "got 10 pairs"),  # extra nodes
+    (json.dumps({**_GOOD, "normal": _gene((0, ["none", 0]))}), "unknown operation 'none'"),
+    (json.dumps({**_GOOD, "normal": _gene((0, ["sep_conv_3x3", "0"]))}),
+     "expected \\[op_name, input_index\\]"),
+    (json.dumps({**_GOOD, "normal_concat": [2, 3, 4, 6]}), "distinct state indices in 0..5"),
+    (json.dumps({**_GOOD, "reduce_concat": [2, 2]}), "distinct state indices"),
     ('{"cells": [], "normal_concat": [2]}', "non-empty list of genes"),
-    ('{"normal": [["skip_connect", 0], ["skip_connect", 1]], "reduce": [["skip_connect", 0], ["skip_connect", 1]], "colour": 1}',
-     "unknown field"),
+    (json.dumps({**_GOOD, "colour": 1}), "unknown field"),
 ])
 def test_malformed_genotype_file_is_a_clear_error(tmp_path, content, message):
   path = tmp_path / "genotype.json"

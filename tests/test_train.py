@@ -127,11 +127,9 @@ def _final_params(cfg, workdir):
   tx, _ = train.make_optimizer(cfg, 10)
   like = train.initial_state(cfg, model, tx, (8, 8, 1))
   ckpt = checkpointing.Checkpointer(str(workdir))
-  step = ckpt.latest_step()
-  from amended_darts_jax import rundir
-  state = ckpt.restore(step, {"state": like, "data": rundir.data_position(0, 1)})["state"]
+  state = ckpt.restore_latest(like)
   ckpt.close()
-  return step, state
+  return int(state.step), state
 
 
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, genotype_path,
