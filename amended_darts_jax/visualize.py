@@ -22,8 +22,17 @@ OP_COLORS = {
 }
 
 
+# Short names for the edges of many small panels (per-cell genotypes).
+OP_SHORT = {
+    "max_pool_3x3": "max3", "avg_pool_3x3": "avg3", "skip_connect": "skip",
+    "sep_conv_3x3": "sep3", "sep_conv_5x5": "sep5", "dil_conv_3x3": "dil3",
+    "dil_conv_5x5": "dil5",
+}
+
+
 def _state_name(i: int) -> str:
-  return {0: "c_{k-2}", 1: "c_{k-1}"}.get(i, str(i - 2))
+  """A state's label as matplotlib mathtext: the inputs c_{k-2}, c_{k-1}, then nodes 0-3."""
+  return {0: "$c_{k-2}$", 1: "$c_{k-1}$"}.get(i, str(i - 2))
 
 
 def _panels(genotype: spaces.Genotype) -> list[tuple[str, spaces.Gene, tuple[int, ...]]]:
@@ -59,11 +68,12 @@ def to_dot(genotype: spaces.Genotype) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _draw_cell(ax, gene, concat, labels=True):
+def _draw_cell(ax, gene, concat, short=False):
   """Inputs top-left and bottom-left, nodes on a horizontal line, output at the right.
 
-  Input edges run diagonally and never cross a node, labelled near their node;
-  node-to-node edges arc above the line; the concat edges arc below it.
+  Input edges run diagonally and never cross a node, labelled near their node
+  (with OP_SHORT's names when `short`); node-to-node edges arc above the line;
+  the concat edges arc below it.
   """
   steps = len(gene) // 2
   pos = {0: (0.0, 0.95), 1: (0.0, 0.05)}
@@ -88,14 +98,14 @@ def _draw_cell(ax, gene, concat, labels=True):
       rad = -0.5 if hops > 1 else 0.0
       arrow(src, dst, color, 1.6, rad)
       lx, ly = 0.5 * (x0 + x1), 0.5 + (0.25 * (x1 - x0) if hops > 1 else 0.035)
-    if labels:
-      ax.text(lx, ly, op, color=color, fontsize=7, ha="center", va="center",
-              bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.85))
+    ax.text(lx, ly, OP_SHORT.get(op, op) if short else op, color=color,
+            fontsize=8 if short else 7, ha="center", va="center",
+            bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.85))
   for i in concat:
     hops = steps + 2 - i
     arrow(i, "out", "0.65", 0.9, 0.0 if hops == 1 else 0.35)
   for key, (x, y) in pos.items():
-    label = "c_{k}" if key == "out" else _state_name(key)
+    label = "$c_{k}$" if key == "out" else _state_name(key)
     fc = "#d9ead3" if key in (0, 1) else "#fff2cc" if key == "out" else "#cfe2f3"
     ax.text(x, y, label, ha="center", va="center", fontsize=9,
             bbox=dict(boxstyle="round,pad=0.35", fc=fc, ec="0.3"))
@@ -109,21 +119,23 @@ def _draw_matplotlib(genotype: spaces.Genotype, png: str, svg: str) -> None:
   import matplotlib.pyplot as plt
 
   panels = _panels(genotype)
-  cols = 2 if len(panels) == 2 else 5
+  shared = not genotype.per_cell  # two large panels with full names, else a grid of small ones
+  cols = 2 if shared else min(len(panels), 5)
   rows = (len(panels) + cols - 1) // cols
-  size = (7.5, 4.2) if len(panels) == 2 else (4.6, 3.0)
+  size = (7.5, 4.2) if shared else (4.6, 3.0)
   fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
-  labels = len(panels) == 2  # many small panels: colours and one legend instead of labels
   for ax, (title, gene, concat) in zip(axes.flat, panels):
-    _draw_cell(ax, gene, concat, labels)
+    _draw_cell(ax, gene, concat, short=not shared)
     ax.set_title(title, fontsize=10)
-  if not labels:
+  if not shared:  # the short names, spelled out once
     used = sorted({op for _, gene, _ in panels for op, _ in gene})
     handles = [plt.Line2D([], [], color=OP_COLORS.get(op, "black"), lw=2.5) for op in used]
-    fig.legend(handles, used, loc="lower center", ncol=len(used), fontsize=11, frameon=False)
-  fig.tight_layout(rect=(0, 0 if labels else 0.04, 1, 1))
+    fig.legend(handles, [f"{OP_SHORT.get(op, op)}: {op}" for op in used], loc="lower center",
+               ncol=min(len(used), 4), fontsize=10, frameon=False)
+  legend_rows = 0 if shared else (len({op for _, g, _ in panels for op, _ in g}) + 3) // 4
+  fig.tight_layout(rect=(0, 0.3 * legend_rows / (size[1] * rows), 1, 1))
   fig.savefig(png, dpi=110)
   fig.savefig(svg)
   plt.close(fig)

@@ -109,3 +109,23 @@ def test_visualize_writes_dot_png_svg(tmp_path):
       assert f'label="{op}"' in dot
     assert open(out["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in open(out["svg"], "rb").read(2000)
+
+
+@pytest.mark.parametrize("cells, columns, rows", [(1, 1, 1), (3, 3, 1), (5, 5, 1), (20, 5, 4)])
+def test_per_cell_pictures_have_a_panel_per_cell_with_labelled_edges(tmp_path, monkeypatch,
+                                                                     cells, columns, rows):
+  """matplotlib's picture (no graphviz): as many columns as cells up to 5, short op names on
+  the edges and the input names as mathtext, not literal c_{k-2}."""
+  import matplotlib.pyplot as plt
+  monkeypatch.setattr(visualize.shutil, "which", lambda name: None)
+  texts = []
+  monkeypatch.setattr(plt.Axes, "text", lambda self, x, y, s, **kw: texts.append(s))
+  genotype = spaces.Genotype(cells=(spaces.get_space("s2").genotype(
+      spaces.get_space("s2").init_alpha(jax.random.PRNGKey(0), 1)).cells[0],) * cells)
+  out = visualize.render(genotype, str(tmp_path / "cells"))
+  assert out["renderer"] == "matplotlib"
+  width, height = plt.imread(out["png"]).shape[1::-1]
+  assert (width, height) == (round(4.6 * 110 * columns), round(3.0 * 110 * rows))
+  ops_drawn = [t for t in texts if t in visualize.OP_SHORT.values()]
+  assert len(ops_drawn) == 8 * cells
+  assert texts.count("$c_{k-2}$") == cells and "c_{k-2}" not in texts
