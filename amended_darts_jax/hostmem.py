@@ -3,11 +3,10 @@
 XLA:CPU allocates the temporary buffers of every run of a compiled step with
 malloc (1.9 GB for the weight step of a 5-cell DARTS supernet at batch 32). A
 block that large is mapped fresh and unmapped after each step, so the kernel
-faults in and zeroes it 4 KB at a time, every step: 483,000 minor faults and
-0.75 s of system time a step there. glibc's tunable `glibc.malloc.hugetlb=1`
-(glibc 2.35 and later) makes malloc ask for transparent huge pages on such
-blocks, which takes the faults to about 1,500 and the step from 1.56 to 1.07 s
-(BUILD_NOTES.md, "Host memory").
+faults in and zeroes it 4 KB at a time, every step. glibc's tunable
+`glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes malloc ask for
+transparent huge pages on such blocks, which took that weight step from 1.54
+to 1.09 s (BUILD_NOTES.md, "Performance on XLA:CPU").
 
 Tunables are read when a process starts, so the command-line entry points
 (search, train, the benchmark scripts) call `reexec()` first thing: it runs

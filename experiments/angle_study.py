@@ -2,7 +2,7 @@ r"""How well do g2' (amended) and g2'' (DARTS) approximate the implicit g2?
 
   python experiments/angle_study.py --out=runs/angle_study
 
-First prints MATH.md's two-dimensional counterexample, where `<g2', g2> < 0`
+First prints the two-dimensional counterexample of docs/math.md §8, where `<g2', g2> < 0`
 although the paper (A.5) claims it never is. Then, at points along a search
 on the embedded digits (`--method` steps of the library's search, default
 first-order, s2 space, 5 cells), computes with exact products
@@ -197,7 +197,7 @@ def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
   g2, g2p, g2pp, inner = common.counterexample()
-  first = (f"counterexample (MATH.md): g2 = {g2:+.4f}, g2' = {g2p:+.4f}, g2'' = {g2pp:+.4f}, "
+  first = (f"counterexample (docs/math.md §8): g2 = {g2:+.4f}, g2' = {g2p:+.4f}, g2'' = {g2pp:+.4f}, "
            f"<g2', g2> = {inner:+.4f}")
   print(first, flush=True)
   cfg = default.get_config()

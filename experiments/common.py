@@ -138,7 +138,7 @@ def digits_trajectory(cfg, checkpoints, method="first_order"):
 
 
 def counterexample():
-  """MATH.md's counterexample to `<g2', g2> >= 0`: H = diag(1, 10), M = [1, 1],
+  """The counterexample of docs/math.md §8 to `<g2', g2> >= 0`: H = diag(1, 10), M = [1, 1],
   v = (1, -1), eta = 0.1. Returns (g2, g2', g2'', <g2', g2>) from the library."""
   from amended_darts_jax import hypergrad as hg
 

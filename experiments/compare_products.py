@@ -5,7 +5,7 @@ r"""Exact versus finite-difference second-order products on a supernet.
 
 On a small supernet over the embedded digits, at initialisation and after
 `--train_steps` first-order search steps, compares the central finite
-differences of MATH.md with the exact forward-over-reverse products for a sweep
+differences of docs/math.md §5 with the exact forward-over-reverse products for a sweep
 of `r` (the step is `e = r/|v|`; r = 0.01 is DARTS' rule): `H v`, `M u` with
 `u = H v`, the amended term `g2' = -eta M H v` and the DARTS term
 `g2'' = -xi M v`. Reports the relative error `|fd - exact| / |exact|` and the

@@ -17,7 +17,8 @@ process each slowed the other), the two taking turns round by round so that
 both see the same machine load. In its turn a worker runs `--turn_warmup`
 untimed steps of a variant right before the timed one, as steps follow each
 other in a search; the first step after waiting out the other worker's turn
-is slow on this VM for a reason outside either framework (BUILD_NOTES). The
+is slow on this VM for a reason outside either framework (memory the host took
+back meanwhile; BUILD_NOTES.md, "Performance on XLA:CPU"). The
 steps:
 - PyTorch, DARTS' own steps: `weight` (train_search.py's weight step: forward,
   backward, clip the gradient norm at 5, SGD with momentum), `first_order` and
@@ -69,7 +70,7 @@ _TURN_WARMUP = flags.DEFINE_integer(
     "turn_warmup", 1, "Untimed steps of each variant just before its timed step in every "
     "round, so that every timed step follows a step the way it does in a search. After a "
     "worker has waited out the other's turn, its first step runs on memory the machine took "
-    "back meanwhile (BUILD_NOTES: 'Why a step after a wait is slow').")
+    "back meanwhile (BUILD_NOTES.md, 'Performance on XLA:CPU').")
 _THREADS = flags.DEFINE_integer("threads", 2, "PyTorch's intra-op threads.")
 _OUT = flags.DEFINE_string("out", "runs/pytorch_darts", "Output directory.")
 _WORKER = flags.DEFINE_enum("worker", "", ["", "jax", "torch"], "Internal: run one framework's "

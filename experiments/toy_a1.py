@@ -1,9 +1,9 @@
-r"""The A.1 toy of MATH.md: L(w, a; x) = (w x - a)^2, x_train = 1, x_val = 2.
+r"""The A.1 toy (docs/math.md §10): L(w, a; x) = (w x - a)^2, x_train = 1, x_val = 2.
 
 At w = w*(a_t) = a_t the closed forms are g1 = -2 a, g2 = 4 a, g = 2 a,
 g2' = 16 eta a and g2'' = 8 eta a. This script computes every term with the
 library's exact products and prints them with the angle of each estimate of g
-(g1, g1 + g2', g1 + g2'') to the true g, then MATH.md's counterexample to the
+(g1, g1 + g2', g1 + g2'') to the true g, then the counterexample of docs/math.md §8 to the
 paper's claim <g2', g2> >= 0.
 
   python experiments/toy_a1.py [--a_values=-1,0.5,2] [--etas=0.01,0.1,0.25,1]

@@ -1,15 +1,16 @@
 r"""Default search: the embedded 8x8 digits, s2 space (5 cells), amended gradient (exact products).
 
-Runs offline on a 2-core CPU in about 5 minutes, 2 of them compiling, and ends
-with a genotype, its picture and the collapse plots:
+Runs offline on a 2-core CPU in two to three minutes, about half of it
+compiling (README), and ends with a genotype, its picture and the collapse
+plots:
 
   python -m amended_darts_jax.search --workdir=runs/digits
 
 Expect a supernet validation accuracy near 0.98 after 25 epochs. The space is
 `s2` (skip_connect or sep_conv_3x3 on each of 8 fixed edges, one alpha per
 cell) because the `darts` space needs 3 cells to have both cell types and its
-amended step then takes well over 10 minutes to compile on 2 cores
-(BUILD_NOTES.md); `--config.space=darts --config.layers=3` runs it anyway.
+amended step then compiles for many minutes on 2 cores (BUILD_NOTES.md,
+"Compile time"); `--config.space=darts --config.layers=3` runs it anyway.
 
 Every field can be overridden, e.g. `--config.method=first_order --config.epochs=5`.
 The other configs start from this one and change only what differs.
@@ -38,7 +39,7 @@ def get_config():
   c.products = "exact"  # exact | fd
   c.eta = 0.1  # amending coefficient (paper eq. 6)
   c.fd_r = 0.01  # finite-difference step r (DARTS: e = r / |v|)
-  c.hessian_weight_decay = True  # H includes the weights' decay: H + wd I (MATH.md)
+  c.hessian_weight_decay = True  # H includes the weights' decay: H + wd I (docs/math.md §6)
   c.damping = 0.0  # implicit: CG on H + (wd + damping) I
   c.cg_maxiter = 20
   c.cg_tol = 1e-4

@@ -6,9 +6,9 @@ r"""The paper's S2 search on CIFAR-10: 20 cells, each with its own alphas, ops {
 2^160 architectures. The paper reports 2.60 +- 0.15 % CIFAR-10 error, and
 24.3 % / 7.4 % ImageNet top-1 / top-5 error with 42 channels (590M
 multiply-adds). 20 cells at 36 channels need a lot of memory for the amended
-step; `remat=True` rematerializes each cell (2.5x and 3.2x less XLA:CPU
-buffer memory for the amended step at 5 and 8 cells under jax 0.12, none under
-jax 0.10; BUILD_NOTES.md).
+step; `remat=True` rematerializes each cell (1.9x and 2.1x less XLA:CPU
+buffer memory for the amended step at 5 and 8 cells of a small `s2` supernet
+under jax 0.12, none under jax 0.10; BUILD_NOTES.md).
 """
 
 from amended_darts_jax.configs import cifar10_darts
