@@ -128,6 +128,14 @@ def cut_logs_to(workdir: str, step: int) -> None:
   cut_jsonl(os.path.join(workdir, "alpha_history.jsonl"), lambda r: r.get("step", 0) <= step)
 
 
+def begin(workdir: str, cfg, start_step: int) -> None:
+  """Marks the run as started at `start_step` (its step compiled): process 0 writes
+  config.json, which from now on is the workdir's, and cuts the logs back to the step."""
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json()))
+  cut_logs_to(workdir, start_step)
+
+
 def setup_compilation_cache(directory: str) -> None:
   if directory:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))

@@ -360,10 +360,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                            cfg.monitor_cg_iters),
                          in_shardings=(repl, shard, shard), out_shardings=repl)
 
-  # The run has started: its config is the workdir's, its logs are cut back to its first step.
-  if is_main:
-    rundir.write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json()))
-  rundir.cut_logs_to(workdir, start_step)
+  rundir.begin(workdir, cfg, start_step)
   writer = MetricWriter(workdir, enabled=is_main, resumed_step=start_step)
   writer.write({"kind": "resume" if start_step else "setup", "step": start_step,
                 "compile_s": compile_s,

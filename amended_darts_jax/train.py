@@ -17,7 +17,6 @@ if __name__ == "__main__":  # first, before jax loads: rerun once with huge page
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Callable
@@ -268,10 +267,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_fn = jax.jit(functools.partial(eval_step, model), in_shardings=(repl, repl, shard),
                     out_shardings=repl)
 
-  # The run has started: its config is the workdir's, its logs are cut back to its first step.
-  if is_main:
-    rundir.write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json()))
-  rundir.cut_logs_to(workdir, start_step)
+  rundir.begin(workdir, cfg, start_step)
   writer = MetricWriter(workdir, enabled=is_main, resumed_step=start_step)
   writer.write({"kind": "resume" if start_step else "setup", "step": start_step,
                 "compile_s": compile_s,
