@@ -88,9 +88,6 @@ class Checkpointer:
                                              cleanup_tmp_directories=True,
                                              enable_async_checkpointing=False))
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
   def save(self, state: Any) -> None:
     """Writes `state` at its step with its checksum; raises CheckpointError if the write fails."""
     step = int(state.step)
@@ -111,14 +108,15 @@ class Checkpointer:
 
   def _write_digests(self, step: int) -> None:
     """Writes the file digests of checkpoint `step` and drops those of checkpoints orbax removed."""
+    path = self._digest_path(step)
+    folder = os.path.dirname(path)
     try:
-      os.makedirs(os.path.dirname(self._digest_path(step)), exist_ok=True)
-      rundir.write_json(self._digest_path(step),
-                        file_digests(os.path.join(self.directory, str(step))))
-      kept = {str(s) for s in self._manager.all_steps()}
-      for name in os.listdir(os.path.dirname(self._digest_path(step))):
-        if name.endswith(".json") and name[:-5] not in kept:
-          os.unlink(os.path.join(os.path.dirname(self._digest_path(step)), name))
+      os.makedirs(folder, exist_ok=True)
+      rundir.write_json(path, file_digests(os.path.join(self.directory, str(step))))
+      kept = {f"{s}.json" for s in self._manager.all_steps()}
+      for name in os.listdir(folder):
+        if name.endswith(".json") and name not in kept:
+          os.unlink(os.path.join(folder, name))
     except OSError as e:
       self._failed = True
       raise CheckpointError(f"could not write the file digests of the checkpoint of step {step} "
