@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 from typing import Any, Callable
@@ -11,6 +10,7 @@ from typing import Any, Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from amended_darts_jax.cpu import hostmem
 from amended_darts_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs; a "
@@ -54,7 +54,11 @@ def launch(main: Callable[..., None], default_config: str) -> None:
     with _unknown_field_exits():
       return app.parse_flags_with_usage(argv)
 
-  app.run(functools.partial(main, config_flag=config), flags_parser=parse)
+  def main_with_state(argv):
+    logging.info("%s", hostmem.state())  # the entry re-ran itself with huge pages, or why not
+    main(argv, config_flag=config)
+
+  app.run(main_with_state, flags_parser=parse)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ and the three approximations of g2:
 
     amended (paper eq. 6):  g2'  = -eta M H v
     DARTS second order:     g2'' = -xi  M v',   v' = dLv/dw at w' = w - xi dLt/dw
-    implicit:               g2   = -M (H + lambda I)^-1 v   by conjugate gradient
+    implicit:               g2   = -M (H + lambda I)^-1 v   by CG or MINRES
 
 Exact products are forward-over-reverse (`jax.jvp` of `jax.grad`; a chain of
 them at one point, as in the amended and implicit terms, linearizes `jax.grad`
@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 PyTree = Any
@@ -189,7 +190,7 @@ def mixed_vp(loss_fn, omega, alpha, batch, u, *, has_aux=False):
   which equals the alpha-gradient of <dL/domega, u> by symmetry of second
   derivatives. The inner gradient is taken in (omega, alpha) and the omega part
   dropped (XLA removes its dead code): a `jax.custom_vjp` operation that does not
-  depend on alpha (the depthwise convolutions of `ops` and `cpu_kernels`) must still be
+  depend on alpha (the depthwise convolutions of `cpu.depthwise` and `cpu.kernels`) must still be
   inside a reverse pass for the outer `jvp` in omega to see through it.
   """
   _, (_, mu), _ = jax.jvp(_grad(loss_fn, alpha, batch, has_aux, (0, 1)), (omega,), (u,),
@@ -292,12 +293,17 @@ def darts_term(loss_fn, omega, alpha, batch, v, *, xi, products="exact", r=0.01,
   return tree_scale(-xi, mv)
 
 
-class CGInfo(NamedTuple):
+class SolveInfo(NamedTuple):
+  """How a Krylov solve of A x = b ended."""
   iterations: jax.Array
-  relative_residual: jax.Array
-  # True where CG met a direction p with p^T A p <= 0 (A not positive definite; a
-  # ReLU network's H + wd I often is not) and stopped there.
+  relative_residual: jax.Array  # |b - A x| / |b|, recomputed at the end
+  # CG: True where it met a direction p with p^T A p <= 0 (A not positive
+  # definite; a ReLU network's H + wd I often is not) and stopped there.
+  # MINRES: always False (it needs A symmetric only).
   negative_curvature: jax.Array = False
+
+
+SOLVERS = ("cg", "minres")
 
 
 def conjugate_gradient(matvec, b, *, maxiter=100, tol=1e-6):
@@ -332,31 +338,150 @@ def conjugate_gradient(matvec, b, *, maxiter=100, tol=1e-6):
   k, x, _, _, _, negative = jax.lax.while_loop(
       cond, body, (jnp.array(0), x0, b, b, tree_vdot(b, b), jnp.array(False)))
   true_res = tree_norm(tree_sub(b, matvec(x))) / jnp.maximum(b_norm, tiny)
-  return x, CGInfo(iterations=k, relative_residual=true_res, negative_curvature=negative)
+  return x, SolveInfo(iterations=k, relative_residual=true_res, negative_curvature=negative)
+
+
+def minres(matvec, b, *, maxiter=100, tol=1e-6):
+  """Solves A x = b for symmetric A, definite or not, given as `matvec` (MINRES).
+
+  Paige and Saunders' minimal-residual method: Lanczos on A from b, with the
+  least-squares problem of the tridiagonal solved by Givens rotations as it
+  grows, so x_k minimizes |b - A x| over the k-th Krylov space. Unlike CG it
+  does not break down where A has negative eigenvalues (a ReLU network's
+  H + wd I), only where A is singular along b. Stops when the recurrence's
+  residual falls to tol |b| or after maxiter iterations. Returns
+  `(x, SolveInfo)`, the residual recomputed as |b - A x| / |b| at the end.
+  """
+  b_norm = tree_norm(b)
+  dtype = _tree_dtype(b)
+  tiny = jnp.finfo(dtype).tiny
+  zero = tree_zeros_like(b)
+  scalar = lambda value: jnp.asarray(value, dtype)
+
+  def cond(state):
+    k, phibar = state[0], state[10]
+    return (k < maxiter) & (phibar > tol * b_norm)
+
+  def body(state):
+    (k, x, r1, r2, w, w2, beta, oldb, dbar, epsln, phibar, cs, sn) = state
+    v = tree_scale(1.0 / jnp.maximum(beta, tiny), r2)  # the Lanczos vector
+    y = matvec(v)
+    y = jax.lax.cond(k > 0, lambda: tree_axpy(-beta / jnp.maximum(oldb, tiny), r1, y),
+                     lambda: y)
+    alfa = tree_vdot(v, y)
+    y = tree_axpy(-alfa / jnp.maximum(beta, tiny), r2, y)
+    r1, r2 = r2, y
+    oldb, beta = beta, tree_norm(y)
+    # Apply the previous rotation to the new column of the tridiagonal, then make
+    # the rotation that zeroes its subdiagonal entry beta.
+    oldeps = epsln
+    delta = cs * dbar + sn * alfa
+    gbar = sn * dbar - cs * alfa
+    epsln = sn * beta
+    dbar = -cs * beta
+    gamma = jnp.maximum(jnp.sqrt(gbar * gbar + beta * beta), tiny)
+    cs, sn = gbar / gamma, beta / gamma
+    phi, phibar = cs * phibar, sn * phibar
+    w1, w2 = w2, w
+    w = tree_scale(1.0 / gamma, tree_axpy(-delta, w2, tree_axpy(-oldeps, w1, v)))
+    x = tree_axpy(phi, w, x)
+    return (k + 1, x, r1, r2, w, w2, beta, oldb, dbar, epsln, phibar, cs, sn)
+
+  init = (jnp.array(0), zero, b, b, zero, zero, b_norm, scalar(0.0), scalar(0.0), scalar(0.0),
+          b_norm, scalar(-1.0), scalar(0.0))
+  final = jax.lax.while_loop(cond, body, init)
+  k, x = final[0], final[1]
+  true_res = tree_norm(tree_sub(b, matvec(x))) / jnp.maximum(b_norm, tiny)
+  return x, SolveInfo(iterations=k, relative_residual=true_res,
+                      negative_curvature=jnp.array(False))
+
+
+def solve(matvec, b, *, solver="cg", maxiter=100, tol=1e-6):
+  """`conjugate_gradient` (solver="cg") or `minres` (solver="minres") of A x = b."""
+  if solver not in SOLVERS:
+    raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+  fn = conjugate_gradient if solver == "cg" else minres
+  return fn(matvec, b, maxiter=maxiter, tol=tol)
+
+
+def lanczos_extremes(matvec, v0, *, iterations=30):
+  """The smallest and largest eigenvalue estimates of a symmetric A given as `matvec`.
+
+  `iterations` steps of Lanczos from v0 with full reorthogonalization (the
+  basis is kept, flattened: iterations x size numbers), then the extreme
+  eigenvalues of the tridiagonal T. They lie inside A's spectrum and approach
+  its ends as the steps grow, the largest in magnitude first; they are exact once
+  `iterations` reaches the size of A or the Krylov space stops growing.
+  Returns `(smallest, largest)`.
+  """
+  flat0, unravel = jax.flatten_util.ravel_pytree(v0)
+  n = flat0.shape[0]
+  m = min(iterations, n)
+  dtype = flat0.dtype
+  tiny = jnp.finfo(dtype).tiny
+  apply = lambda q: jax.flatten_util.ravel_pytree(matvec(unravel(q)))[0]
+
+  def body(j, state):
+    basis, alphas, betas, q, q_prev, beta, scale = state
+    basis = basis.at[j].set(q)
+    z = apply(q) - beta * q_prev
+    alpha = jnp.vdot(q, z)
+    z = z - alpha * q
+    # Twice against the whole basis (rows past j are zero): the vectors stay
+    # orthogonal in floating point, so no eigenvalue is found twice.
+    z = z - basis.T @ (basis @ z)
+    z = z - basis.T @ (basis @ z)
+    beta_next = jnp.linalg.norm(z)
+    # What is left at rounding level, relative to the size of T so far, is no new
+    # direction: the Krylov space has stopped growing (the steps after it stay zero).
+    scale = jnp.maximum(scale, jnp.abs(alpha) + beta + beta_next)
+    ended = beta_next <= breakdown * scale
+    beta_next = jnp.where(ended, 0.0, beta_next)
+    q_next = jnp.where(ended, 0.0, z / jnp.maximum(beta_next, tiny))
+    return (basis, alphas.at[j].set(alpha), betas.at[j].set(beta_next), q_next, q, beta_next,
+            scale)
+
+  breakdown = 1e3 * jnp.finfo(dtype).eps
+  q0 = flat0 / jnp.maximum(jnp.linalg.norm(flat0), tiny)
+  init = (jnp.zeros((m, n), dtype), jnp.zeros(m, dtype), jnp.zeros(m, dtype), q0,
+          jnp.zeros(n, dtype), jnp.zeros((), dtype), jnp.zeros((), dtype))
+  _, alphas, betas, _, _, _, _ = jax.lax.fori_loop(0, m, body, init)
+  # Once the Krylov space stops growing (a beta vanishes) the later steps leave
+  # zero rows. Their diagonal is set to alphas[0], a Rayleigh quotient of A and so
+  # inside the live block's spectrum: the extremes are then the live block's.
+  alive = jnp.cumprod(jnp.concatenate([jnp.ones(1, bool), betas[:-1] > 0])).astype(bool)
+  off = jnp.where(alive[1:], betas[:-1], 0.0)
+  diagonal = jnp.where(alive, alphas, alphas[0])
+  eig = jnp.linalg.eigvalsh(jnp.diag(diagonal) + jnp.diag(off, 1) + jnp.diag(off, -1))
+  return eig[0], eig[-1]
 
 
 def implicit_term(loss_fn, omega, alpha, batch, v, *, weight_decay=0.0, damping=0.0,
-                  maxiter=100, tol=1e-6, has_aux=False):
+                  maxiter=100, tol=1e-6, solver="cg", has_aux=False):
   """g2 = -M (H + (wd + damping) I)^-1 v, the implicit-function term (paper eq. 5).
 
-  The linear solve is conjugate gradient on exact Hessian-vector products.
-  Returns `(g2, CGInfo)`: CG iterations, the final relative residual and whether
-  CG stopped at non-positive curvature (raise `damping` then).
+  The linear solve is `solver` on exact Hessian-vector products: "cg"
+  (conjugate gradient; it stops at non-positive curvature, so it needs
+  H + (wd + damping) I positive definite) or "minres" (any symmetric
+  nonsingular system: g2 exists wherever the matrix is invertible, definite or
+  not). Returns `(g2, SolveInfo)`: iterations, the final relative residual and,
+  for CG, whether it stopped at non-positive curvature (raise `damping` then).
   """
   g2, info, _, _ = _implicit(loss_fn, omega, alpha, batch, v, weight_decay=weight_decay,
-                             damping=damping, maxiter=maxiter, tol=tol, has_aux=has_aux)
+                             damping=damping, maxiter=maxiter, tol=tol, solver=solver,
+                             has_aux=has_aux)
   return g2, info
 
 
 def _implicit(loss_fn, omega, alpha, batch, v, *, weight_decay, damping, maxiter, tol,
-              has_aux):
-  """g2, CG info, and the training gradient and (Lt, aux) at omega."""
+              has_aux, solver="cg"):
+  """g2, the solve's info, and the training gradient and (Lt, aux) at omega."""
   shift = weight_decay + damping
-  # Linearized once: every CG iteration and the final M x evaluate the tangent
-  # map only, and its primal is dLt/dw.
+  # Linearized once: every solver iteration and the final M x evaluate the
+  # tangent map only, and its primal is dLt/dw.
   g_w, tangent, loss_aux = linearized_grad(loss_fn, omega, alpha, batch, has_aux=has_aux)
   matvec = lambda p: _plus_shift(tangent(p)[0], shift, p)
-  x, info = conjugate_gradient(matvec, v, maxiter=maxiter, tol=tol)
+  x, info = solve(matvec, v, solver=solver, maxiter=maxiter, tol=tol)
   return tree_scale(-1.0, tangent(x)[1]), info, g_w, loss_aux
 
 
@@ -382,20 +507,21 @@ def unrolled_weights(train_grad, omega, xi, *, weight_decay=0.0, momentum_term=N
 def arch_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch, *, method,
                   products="exact", eta=0.1, xi=0.025, weight_decay=0.0, r=0.01,
                   momentum_term=None, damping=0.0, cg_maxiter=100, cg_tol=1e-6,
-                  has_aux=False):
+                  solver="cg", has_aux=False):
   """The architecture gradient g = g1 + second term, for one of four methods.
 
   method:
     "first_order": g = g1 = dLv/da                              (DARTS first order)
     "darts":       g = dLv/da(w') - xi M v',  w' = w - xi dLt/dw  (DARTS eq. 7)
     "amended":     g = g1 - eta M (H + wd I) v                  (paper eq. 6)
-    "implicit":    g = g1 - M (H + (wd + damping) I)^-1 v        (paper eq. 5, CG)
+    "implicit":    g = g1 - M (H + (wd + damping) I)^-1 v        (paper eq. 5; `solver`)
 
   Returns `(g, aux)`. aux holds "g1", "g2" (the second term; zeros for
   first_order), "v" (dLv/dw, at w' for darts; None for first_order, which needs
   none), "val_loss", "val_aux", "train_grad" (dLt/dw at omega where it was
   computed on the way, else None), "train_loss" and "train_aux" (from the same evaluation, else None) and, for
-  implicit, "cg" (CGInfo).
+  implicit, "cg" (the SolveInfo of `solver`, "cg" or "minres", with cg_maxiter and
+  cg_tol).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -433,9 +559,28 @@ def arch_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch, *,
   else:  # implicit
     g2, info, train_grad, (train_loss, train_aux) = _implicit(
         loss_train, omega, alpha, train_batch, v, weight_decay=weight_decay,
-        damping=damping, maxiter=cg_maxiter, tol=cg_tol, **kw)
+        damping=damping, maxiter=cg_maxiter, tol=cg_tol, solver=solver, **kw)
     extra["cg"] = info
 
   aux = dict(g1=g1, g2=g2, v=v, val_loss=val_loss, val_aux=val_aux, train_grad=train_grad,
              train_loss=train_loss, train_aux=train_aux, **extra)
   return tree_add(g1, g2), aux
+
+
+def second_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, *, eta, xi,
+                 weight_decay=0.0):
+  """The two approximations of g2 at one point, with exact products, for comparison.
+
+  Returns "v" (dLv/dw at omega), "g1" (dLv/da there), "g2_amended"
+  (-eta M (H + wd I) v), "g2_darts" (-xi M v' with v' = dLv/dw at the unrolled
+  w' = w - xi (dLt/dw + wd w), no momentum) and "g1_unrolled" (dLv/da at w',
+  DARTS' first term). Losses return a scalar (no aux).
+  """
+  v, g1 = jax.grad(loss_val, (0, 1))(omega, alpha, val_batch)
+  g2_amended = amended_term(loss_train, omega, alpha, train_batch, v, eta=eta,
+                            weight_decay=weight_decay)
+  train_grad = jax.grad(loss_train)(omega, alpha, train_batch)
+  unrolled = unrolled_weights(train_grad, omega, xi, weight_decay=weight_decay)
+  v_unrolled, g1_unrolled = jax.grad(loss_val, (0, 1))(unrolled, alpha, val_batch)
+  g2_darts = darts_term(loss_train, omega, alpha, train_batch, v_unrolled, xi=xi)
+  return dict(v=v, g1=g1, g2_amended=g2_amended, g2_darts=g2_darts, g1_unrolled=g1_unrolled)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from amended_darts_jax import ops, spaces
+from amended_darts_jax import batch_norm, initializers, ops, spaces
 
 
 def drop_path(x, rate, rng):
@@ -31,7 +31,7 @@ class Cell(nn.Module):
   reduction: bool
   reduction_prev: bool
   act: str = "relu"
-  depthwise_impl: str = "auto"
+  conv_pool_impl: str = "auto"
 
   @nn.compact
   def __call__(self, s0, s1, drop_path_rate, train: bool):
@@ -47,7 +47,7 @@ class Cell(nn.Module):
       for k in (2 * node, 2 * node + 1):
         op, src = self.gene[k]
         stride = 2 if self.reduction and src < 2 else 1
-        h = ops.Op(op, c, stride, act=self.act, depthwise_impl=self.depthwise_impl,
+        h = ops.Op(op, c, stride, act=self.act, conv_pool_impl=self.conv_pool_impl,
                    name=f"op{k}")(states[src], train)
         if train and not ops.is_identity(op, stride):
           h = drop_path(h, drop_path_rate, self.make_rng("dropout"))
@@ -71,15 +71,15 @@ class AuxiliaryHead(nn.Module):
     pool = min(5, x.shape[1], x.shape[2])
     x = nn.avg_pool(x, (pool, pool), (2, 2) if self.imagenet else (3, 3), padding="VALID")
     x = ops.pointwise(128)(x)
-    x = nn.relu(ops.batch_norm(train, affine=True)(x))
+    x = nn.relu(batch_norm.batch_norm(train, affine=True)(x))
     k = min(2, x.shape[1], x.shape[2])
-    x = nn.Conv(768, (k, k), padding="VALID", use_bias=False, kernel_init=ops.torch_init)(x)
+    x = nn.Conv(768, (k, k), padding="VALID", use_bias=False, kernel_init=initializers.torch_init)(x)
     if not self.imagenet:
-      x = ops.batch_norm(train, affine=True)(x)
+      x = batch_norm.batch_norm(train, affine=True)(x)
     x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
-    return nn.Dense(self.num_classes, kernel_init=ops.torch_init,
-                    bias_init=ops.torch_bias_init(x.shape[-1]))(x)
+    return nn.Dense(self.num_classes, kernel_init=initializers.torch_init,
+                    bias_init=initializers.torch_bias_init(x.shape[-1]))(x)
 
 
 def _check_genotype(genotype: spaces.Genotype, layers: int):
@@ -98,7 +98,7 @@ class _CellStack(nn.Module):
   imagenet: bool
   reduction_prev: bool
   act: str
-  depthwise_impl: str
+  conv_pool_impl: str
 
   @nn.compact
   def __call__(self, s0, s1, drop_path_rate, train):
@@ -111,7 +111,7 @@ class _CellStack(nn.Module):
         c_curr *= 2
       gene, concat = self.genotype.gene(i, reduction)
       s0, s1 = s1, Cell(gene, concat, c_curr, reduction, reduction_prev, self.act,
-                        self.depthwise_impl, name=f"cell{i}")(s0, s1, drop_path_rate, train)
+                        self.conv_pool_impl, name=f"cell{i}")(s0, s1, drop_path_rate, train)
       reduction_prev = reduction
       if i == 2 * self.layers // 3 and self.auxiliary and train:
         logits_aux = AuxiliaryHead(self.num_classes, self.imagenet, name="auxiliary_head")(
@@ -126,23 +126,23 @@ class NetworkCIFAR(nn.Module):
   num_classes: int = 10
   auxiliary: bool = True
   act: str = "relu"
-  depthwise_impl: str = "auto"
+  conv_pool_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_NHWC, drop_path_rate=0.0, train: bool = False):
     x = nn.Conv(3 * self.C, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=ops.torch_init, name="stem_conv")(x_NHWC)
-    x = ops.batch_norm(train, affine=True, name="stem_bn")(x)
+                kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
+    x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
     s1, logits_aux = _CellStack(self.genotype, self.C, self.layers, self.num_classes,
-                                self.auxiliary, False, False, self.act, self.depthwise_impl,
+                                self.auxiliary, False, False, self.act, self.conv_pool_impl,
                                 name="cells")(x, x, drop_path_rate, train)
     return _classifier(self.num_classes, s1), logits_aux
 
 
 def _classifier(num_classes, features_NHWC):
   pooled = jnp.mean(features_NHWC, axis=(1, 2))
-  return nn.Dense(num_classes, kernel_init=ops.torch_init,
-                  bias_init=ops.torch_bias_init(pooled.shape[-1]), name="classifier")(pooled)
+  return nn.Dense(num_classes, kernel_init=initializers.torch_init,
+                  bias_init=initializers.torch_bias_init(pooled.shape[-1]), name="classifier")(pooled)
 
 
 class NetworkImageNet(nn.Module):
@@ -152,18 +152,18 @@ class NetworkImageNet(nn.Module):
   num_classes: int = 1000
   auxiliary: bool = True
   act: str = "relu"
-  depthwise_impl: str = "auto"
+  conv_pool_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x_NHWC, drop_path_rate=0.0, train: bool = False):
     conv = lambda c, name: nn.Conv(c, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False,
-                                   kernel_init=ops.torch_init, name=name)
-    x = ops.batch_norm(train, True, name="stem0_bn0")(conv(self.C // 2, "stem0_conv0")(x_NHWC))
+                                   kernel_init=initializers.torch_init, name=name)
+    x = batch_norm.batch_norm(train, True, name="stem0_bn0")(conv(self.C // 2, "stem0_conv0")(x_NHWC))
     x = nn.relu(x)
-    s0 = ops.batch_norm(train, True, name="stem0_bn1")(conv(self.C, "stem0_conv1")(x))
-    s1 = ops.batch_norm(train, True, name="stem1_bn")(conv(self.C, "stem1_conv")(nn.relu(s0)))
+    s0 = batch_norm.batch_norm(train, True, name="stem0_bn1")(conv(self.C, "stem0_conv1")(x))
+    s1 = batch_norm.batch_norm(train, True, name="stem1_bn")(conv(self.C, "stem1_conv")(nn.relu(s0)))
     s1, logits_aux = _CellStack(self.genotype, self.C, self.layers, self.num_classes,
-                                self.auxiliary, True, True, self.act, self.depthwise_impl,
+                                self.auxiliary, True, True, self.act, self.conv_pool_impl,
                                 name="cells")(s0, s1, drop_path_rate, train)
     # DARTS pools 7x7 at 224x224 input; a global mean is the same there and works at any size.
     return _classifier(self.num_classes, s1), logits_aux
@@ -216,7 +216,7 @@ def count_macs(model: nn.Module, variables: Any, input_shape: tuple[int, ...]) -
   Counted from the traced program, with depthwise convolutions as grouped
   convolutions (the formulation whose count is k*k*C per output pixel).
   """
-  model = model.clone(depthwise_impl="conv")
+  model = model.clone(conv_pool_impl="conv")
   x = jnp.zeros((1, *input_shape), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, 0.0, train=False)[0])(variables)
   return _macs(jaxpr.jaxpr)

@@ -18,6 +18,10 @@ from absl import logging
 from amended_darts_jax.errors import ConfigError, UserError
 
 
+# Config fields by their earlier names: a workdir written under those still resumes.
+RENAMED_FIELDS = {"depthwise_impl": "conv_pool_impl", "batch_edges": "edge_groups"}
+
+
 def prepare_workdir(workdir: str) -> None:
   """Creates workdir if need be and checks that files can be written in it (one clear error)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -46,6 +50,8 @@ def check_resumable(workdir: str, cfg, resumable_fields: Sequence[str]) -> None:
     raise ConfigError(f"{path} cannot be read ({getattr(e, 'msg', None) or e}), so the run in "
                       f"{workdir} cannot be checked for resuming; restore or remove that file, or "
                       "use a new workdir") from None
+  # A run saved under a field's earlier name compares under its present one.
+  saved = {RENAMED_FIELDS.get(k, k): v for k, v in saved.items()}
   current = json.loads(cfg.to_json())
   # Compared as JSON text, so that a value equals itself even where it is NaN.
   same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

@@ -182,13 +182,19 @@ GENOTYPES = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2}
 
 
 def get_genotype(name_or_path: str) -> Genotype:
-  """A published genotype by name (DARTS_V1, DARTS_V2) or a genotype.json path."""
+  """A published genotype by name (DARTS_V1, DARTS_V2), else a genotype.json path.
+
+  A value that looks like a path (a directory separator, or a `.json` ending) is
+  read as one, so a missing file is reported as such; errors are one sentence.
+  """
+  if not name_or_path:
+    raise GenotypeError("the genotype is empty; give DARTS_V1, DARTS_V2 or a genotype.json path")
   if name_or_path in GENOTYPES:
     return GENOTYPES[name_or_path]
-  if not os.path.exists(name_or_path):
-    raise GenotypeError(f"{name_or_path!r} is neither a known genotype "
-                        f"({', '.join(GENOTYPES)}) nor an existing genotype.json file")
-  return load_genotype(name_or_path)
+  if os.path.sep in name_or_path or name_or_path.endswith(".json") or os.path.exists(name_or_path):
+    return load_genotype(name_or_path)
+  raise GenotypeError(f"{name_or_path!r} is neither a known genotype "
+                      f"({', '.join(GENOTYPES)}) nor an existing genotype.json file")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,13 +11,13 @@ in the cells, channels doubled at the reduction cells (1/3 and 2/3 of depth),
 each cell the concatenation of its 4 nodes, global average pooling, a linear
 classifier.
 
-By default (`batch_edges=True`) a cell computes the edges leaving each state as
+By default (`edge_groups=True`) a cell computes the edges leaving each state as
 one MixedOp under `nn.vmap` (an EdgeGroup): the input is shared, so the
 activation and the parameter-free operations run once, and the program holds
 one op per source state instead of one per edge (fewer, larger kernels; it
 compiles in about half the time on CPU, BUILD_NOTES.md). Variables are stacked
 along the group's edges under `cell<i>/stacked_from<src>`, in the order of
-`space.edges`. `batch_edges=False` is the literal one-MixedOp-per-edge cell
+`space.edges`. `edge_groups=False` is the literal one-MixedOp-per-edge cell
 (`cell<i>/edge<e>`); both compute the same function.
 """
 
@@ -28,21 +28,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amended_darts_jax import ops, spaces
+from amended_darts_jax import batch_norm, initializers, ops, spaces
 
 
 class MixedOp(nn.Module):
   """sum_o softmax(alpha)_o * o(x) over the space's ops (paper eq. 1).
 
-  `edge_batched`: it runs as an EdgeGroup, under `nn.vmap` over edges sharing x.
+  `in_edge_group`: it runs as an EdgeGroup, under `nn.vmap` over edges sharing x.
   """
   op_names: tuple[str, ...]
   features: int
   stride: int
   train: bool
   act: str = "relu"
-  depthwise_impl: str = "auto"
-  edge_batched: bool = False
+  conv_pool_impl: str = "auto"
+  in_edge_group: bool = False
 
   @nn.compact
   def __call__(self, x, weights_O):
@@ -52,7 +52,7 @@ class MixedOp(nn.Module):
       if op == "none":  # contributes zeros; its weight still enters the softmax
         continue
       y = ops.Op(op, self.features, self.stride, affine=False, pool_bn=True, act=self.act,
-                 depthwise_impl=self.depthwise_impl, edge_batched=self.edge_batched,
+                 conv_pool_impl=self.conv_pool_impl, in_edge_group=self.in_edge_group,
                  name=op)(x, train)
       y = weights_O[k].astype(y.dtype) * y
       out = y if out is None else out + y
@@ -75,8 +75,8 @@ class SearchCell(nn.Module):
   reduction_prev: bool
   train: bool
   act: str = "relu"
-  depthwise_impl: str = "auto"
-  batch_edges: bool = True
+  conv_pool_impl: str = "auto"
+  edge_groups: bool = True
 
   @nn.compact
   def __call__(self, s0, s1, weights_ExO):
@@ -99,17 +99,17 @@ class SearchCell(nn.Module):
       stride = 2 if self.reduction and src < 2 else 1
       if not group:
         return
-      if not self.batch_edges:
+      if not self.edge_groups:
         for e in group:
           add(self.space.edges[e][1],
-              MixedOp(self.space.ops, c, stride, train, self.act, self.depthwise_impl,
+              MixedOp(self.space.ops, c, stride, train, self.act, self.conv_pool_impl,
                       name=f"edge{e}")(states[src], weights_ExO[e]))
         return
       # A group of one edge has no per-edge inputs to speak of (vmap of size 1
       # batches the dense depthwise form into a plain convolution).
-      y_ENHWC = EdgeGroup(self.space.ops, c, stride, train, self.act, self.depthwise_impl,
-                          edge_batched=len(group) > 1,
-                          name=f"{ops.STACKED_PREFIX}from{src}")(
+      y_ENHWC = EdgeGroup(self.space.ops, c, stride, train, self.act, self.conv_pool_impl,
+                          in_edge_group=len(group) > 1,
+                          name=f"{initializers.STACKED_PREFIX}from{src}")(
                               states[src], weights_ExO[np.asarray(group)])
       for k, e in enumerate(group):
         add(self.space.edges[e][1], y_ENHWC[k])
@@ -130,9 +130,9 @@ class Supernet(nn.Module):
   num_classes: int = 10
   stem_multiplier: int = 3
   act: str = "relu"
-  depthwise_impl: str = "auto"
+  conv_pool_impl: str = "auto"
   remat: bool = False
-  batch_edges: bool = True
+  edge_groups: bool = True
 
   @property
   def space(self) -> spaces.SearchSpace:
@@ -146,8 +146,8 @@ class Supernet(nn.Module):
     space = self.space
     c_curr = self.stem_multiplier * self.C
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=ops.torch_init, name="stem_conv")(x_NHWC)
-    x = ops.batch_norm(train, affine=True, name="stem_bn")(x)
+                kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
+    x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
     s0 = s1 = x
     c_curr = self.C
     reductions = spaces.reduction_cells(self.layers)
@@ -159,9 +159,9 @@ class Supernet(nn.Module):
         c_curr *= 2
       weights_ExO = jax.nn.softmax(space.cell_alpha(alpha, i, reduction), axis=-1)
       cell = cell_cls(space, c_curr, reduction, reduction_prev, train, self.act,
-                      self.depthwise_impl, self.batch_edges, name=f"cell{i}")
+                      self.conv_pool_impl, self.edge_groups, name=f"cell{i}")
       s0, s1 = s1, cell(s0, s1, weights_ExO)
       reduction_prev = reduction
     pooled = jnp.mean(s1, axis=(1, 2))
-    return nn.Dense(self.num_classes, kernel_init=ops.torch_init,
-                    bias_init=ops.torch_bias_init(pooled.shape[-1]), name="classifier")(pooled)
+    return nn.Dense(self.num_classes, kernel_init=initializers.torch_init,
+                    bias_init=initializers.torch_bias_init(pooled.shape[-1]), name="classifier")(pooled)

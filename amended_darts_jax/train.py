@@ -3,16 +3,17 @@ r"""Retraining: a discrete network built from a genotype, trained from scratch a
   python -m amended_darts_jax.train --workdir=DIR [--config=FILE] [--config.FIELD=VALUE ...]
 
 `config.genotype` is a published genotype's name (`DARTS_V1`, `DARTS_V2`) or the
-path of a `genotype.json` written by a search. Shares the input pipeline, the
-data parallelism and the checkpoints of the search. Under DIR: checkpoints/
-and checkpoint_digests/, config.json, metrics.jsonl (per logged step and per epoch, with the best and the
-latest test accuracy), TensorBoard events and results.json at the end.
+path of a `genotype.json` written by a search. Shares the run loop (loop.py),
+the input pipeline, the data parallelism and the checkpoints with the search.
+Under DIR: checkpoints/ and checkpoint_digests/, config.json, metrics.jsonl (per
+logged step and per epoch, with the best and the latest test accuracy),
+TensorBoard events and results.json at the end.
 """
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
-  from amended_darts_jax import hostmem
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (cpu/hostmem.py)
+  from amended_darts_jax.cpu import hostmem
   hostmem.reexec()
 
 import dataclasses
@@ -28,16 +29,14 @@ import ml_collections
 import optax
 from absl import logging
 
-from amended_darts_jax import (checkpointing, hypergrad, input_pipeline, networks, ops, parallel,
-                               rundir, spaces, validation)
-from amended_darts_jax.errors import ConfigError
+from amended_darts_jax import (hypergrad, initializers, input_pipeline, loop, networks, ops,
+                               parallel, rundir, spaces, training, validation)
 from amended_darts_jax import metrics as metrics_lib
-from amended_darts_jax.metrics import MetricWriter
+from amended_darts_jax.cpu import dispatch
 
-RESUMABLE_FIELDS = ("max_steps", "log_every", "checkpoint_every", "eval_every_epochs",
-                    "compilation_cache_dir", "data_dir", "download", "distributed",
-                    "coordinator_address", "num_processes", "process_id", "depthwise_impl",
-                    "dry_run")
+# Fields of the retraining, besides loop.RESUMABLE_FIELDS, that may change between
+# a run and its resumption.
+RESUMABLE_FIELDS = ("dry_run",)
 IMAGENET_LIKE = ("imagenet2012",)
 
 
@@ -52,7 +51,7 @@ class TrainState:
   bad_step: jax.Array  # -1, or the first step whose loss or gradient was not finite
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
   """The static part of a training step."""
   model: Any
@@ -66,40 +65,28 @@ class TrainConfig:
   ema_decay: float
 
 
-def resolve_genotype(name_or_path: str) -> spaces.Genotype:
-  """A published genotype by name, else a genotype.json path (clear errors for both)."""
-  if not name_or_path:
-    raise ConfigError("config.genotype is empty; give DARTS_V1, DARTS_V2 or a genotype.json path")
-  if os.path.sep in name_or_path or name_or_path.endswith(".json"):
-    return spaces.load_genotype(name_or_path)
-  return spaces.get_genotype(name_or_path)
-
-
 def make_model(cfg, genotype: spaces.Genotype, num_classes: int):
   layers = len(genotype.cells) if genotype.per_cell else cfg.layers
   cls = networks.NetworkImageNet if cfg.dataset in IMAGENET_LIKE else networks.NetworkCIFAR
   return cls(genotype, C=cfg.init_channels, layers=layers, num_classes=num_classes,
-             auxiliary=cfg.auxiliary, act=cfg.activation, depthwise_impl=cfg.depthwise_impl)
+             auxiliary=cfg.auxiliary, act=cfg.activation, conv_pool_impl=cfg.conv_pool_impl)
 
 
 def make_optimizer(cfg, steps_per_epoch: int):
   """SGD with momentum; per-epoch cosine to lr_min (CIFAR) or linear to 0 (ImageNet)."""
-  def lr_fn(step):
-    epoch = jnp.minimum(step // steps_per_epoch, cfg.epochs)
-    if cfg.lr_schedule == "linear":
-      return cfg.lr * (1.0 - epoch / cfg.epochs)
-    return cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / cfg.epochs))
-
-  clip = optax.stateless(lambda g, _: hypergrad.tree_clip_by_norm(g, cfg.grad_clip))
-  tx = optax.chain(clip,
-                   optax.add_decayed_weights(cfg.weight_decay),
-                   optax.sgd(lr_fn, momentum=cfg.momentum))
-  return tx, lr_fn
+  lr_fn = training.epoch_schedule(cfg.lr, cfg.lr_min, cfg.epochs, steps_per_epoch,
+                                  cfg.lr_schedule)
+  return training.sgd(lr_fn, grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay,
+                      momentum=cfg.momentum), lr_fn
 
 
-def cross_entropy(logits, labels, smoothing: float = 0.0):
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-  return optax.softmax_cross_entropy(logits, targets).mean()
+def train_config(cfg, model, steps_per_epoch: int) -> TrainConfig:
+  """The static part of the training step for `cfg`, its optimizer included."""
+  tx, lr_fn = make_optimizer(cfg, steps_per_epoch)
+  return TrainConfig(model=model, tx=tx, lr_fn=lr_fn, steps_per_epoch=steps_per_epoch,
+                     epochs=cfg.epochs, drop_path_prob=cfg.drop_path_prob,
+                     auxiliary_weight=cfg.auxiliary_weight, label_smoothing=cfg.label_smoothing,
+                     ema_decay=cfg.ema_decay)
 
 
 def drop_path_rate(tc: TrainConfig, step):
@@ -112,10 +99,10 @@ def train_loss(tc: TrainConfig, params, batch_stats, batch, rng, rate):
   (logits, logits_aux), updates = tc.model.apply(
       {"params": params, "batch_stats": batch_stats}, batch["image"], rate, train=True,
       mutable=["batch_stats"], rngs={"dropout": rng})
-  loss = cross_entropy(logits, batch["label"], tc.label_smoothing)
+  loss = training.cross_entropy(logits, batch["label"], tc.label_smoothing)
   if logits_aux is not None and tc.auxiliary_weight:
-    loss = loss + tc.auxiliary_weight * cross_entropy(logits_aux, batch["label"],
-                                                     tc.label_smoothing)
+    loss = loss + tc.auxiliary_weight * training.cross_entropy(logits_aux, batch["label"],
+                                                              tc.label_smoothing)
   return loss, (logits, updates["batch_stats"])
 
 
@@ -133,12 +120,10 @@ def train_step(tc: TrainConfig, state: TrainState, batch):
   finite = hypergrad.tree_all_finite((loss, grad, params))
   new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
                       ema_params=ema)
-  kept = jax.lax.cond(finite, lambda: new, lambda: state)
-  bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
-  metrics = {"train_loss": loss, "train_acc": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+  metrics = {"train_loss": loss, "train_acc": training.accuracy(logits, batch["label"]),
              "lr": tc.lr_fn(state.step), "drop_path_rate": rate,
              "grad_norm": hypergrad.tree_norm(grad)}
-  return kept.replace(step=state.step + 1, bad_step=bad_step), metrics
+  return training.guarded(state, new, finite), metrics
 
 
 def eval_step(model, params, batch_stats, batch):
@@ -162,9 +147,9 @@ def validate_config(cfg) -> None:
                   "crop_padding", "cutout", "seed")
   validation.check(cfg, {
       "dataset": validation.one_of(input_pipeline.DATASETS),
-      "lr_schedule": validation.one_of(("cosine", "linear")),
+      "lr_schedule": validation.one_of(training.SCHEDULES),
       "activation": validation.one_of(tuple(ops.ACTIVATIONS)),
-      "depthwise_impl": validation.one_of(ops.DEPTHWISE_IMPLS),
+      "conv_pool_impl": validation.one_of(dispatch.IMPLS),
       **dict.fromkeys(positive, validation.POSITIVE),
       **dict.fromkeys(non_negative, validation.NON_NEGATIVE),
       **dict.fromkeys(("momentum", "drop_path_prob", "label_smoothing", "ema_decay"),
@@ -206,7 +191,7 @@ def initial_state(cfg, model, tx, image_shape) -> TrainState:
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) in workdir; returns the results written to results.json."""
   validate_config(cfg)
-  genotype = resolve_genotype(cfg.genotype)
+  genotype = spaces.get_genotype(cfg.genotype)
   if cfg.dry_run:
     desc = describe_network(cfg, genotype)
     print(f"{genotype_label(cfg)}: {desc['params_millions']:.3f}M parameters (auxiliary head "
@@ -214,118 +199,64 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f"{'x'.join(map(str, desc['input_shape']))} image, {desc['layers']} cells, "
           f"C={cfg.init_channels}")
     return desc
-  rundir.setup_compilation_cache(cfg.compilation_cache_dir)
-  if cfg.distributed:
-    parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-  ops.check_depthwise_impl(cfg.depthwise_impl)
-  rundir.prepare_workdir(workdir)
-  rundir.check_resumable(workdir, cfg, RESUMABLE_FIELDS)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_split(cfg.batch_size, mesh)
-  parallel.log_devices(mesh)
-  is_main = jax.process_index() == 0
+  run_ = loop.Run(cfg, workdir, RESUMABLE_FIELDS)
 
   splits, info = input_pipeline.load(cfg.dataset, cfg.data_dir, cfg.download)
   resize = cfg.image_size if cfg.dataset in IMAGENET_LIKE else 0
   augment = input_pipeline.Augment(cfg.crop_padding, cfg.flip, cfg.cutout, resize=resize)
-  local = dict(process_index=jax.process_index(), process_count=jax.process_count())
   batches = input_pipeline.Batches(splits["train"], info, cfg.batch_size, cfg.seed, augment,
-                                   **local)
+                                   **run_.local)
   steps_per_epoch = batches.steps_per_epoch
-  total_steps = cfg.epochs * steps_per_epoch
-  if cfg.max_steps:
-    total_steps = min(total_steps, cfg.max_steps)
+  schedule = loop.Schedule(total_steps=loop.total_steps(cfg, steps_per_epoch),
+                           steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+                           log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every)
 
   model = make_model(cfg, genotype, info.num_classes)
-  tx, lr_fn = make_optimizer(cfg, steps_per_epoch)
-  tc = TrainConfig(model, tx, lr_fn, steps_per_epoch, cfg.epochs, cfg.drop_path_prob,
-                   cfg.auxiliary_weight, cfg.label_smoothing, cfg.ema_decay)
+  tc = train_config(cfg, model, steps_per_epoch)
   shape = _image_shape(cfg)
-  state = parallel.put_replicated(initial_state(cfg, model, tx, shape), mesh)
+  state = run_.restore(initial_state(cfg, model, tc.tx, shape))
   n_params = networks.count_params(state.params)
-
-  checkpointer = checkpointing.Checkpointer(workdir)
-  restored = checkpointer.restore_latest(state)
   best = {"top1": 0.0, "top5": 0.0}
-  if restored is not None:
-    state = restored
-    logging.info("resumed from the checkpoint of step %d", int(state.step))
-    for r in metrics_lib.read(workdir, "epoch"):
-      if r["step"] <= int(state.step):
-        best = {"top1": max(best["top1"], r["test_top1"]),
-                "top5": max(best["top5"], r["test_top5"])}
-  start_step = int(state.step)
+  for r in metrics_lib.read(workdir, "epoch") if run_.start_step else ():
+    if r["step"] <= run_.start_step:
+      best = {"top1": max(best["top1"], r["test_top1"]), "top5": max(best["top5"], r["test_top5"])}
 
-  repl, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  step_fn = jax.jit(functools.partial(train_step, tc), in_shardings=(repl, shard),
-                    out_shardings=(repl, repl), donate_argnums=0)
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, parallel.put_batch(batches.batch(start_step), mesh)).compile()
-  compile_s = time.perf_counter() - t0
-  logging.info("compiled the training step in %.1f s (%.3fM parameters)", compile_s,
-               n_params / 1e6)
-  eval_fn = jax.jit(functools.partial(eval_step, model), in_shardings=(repl, repl, shard),
-                    out_shardings=repl)
-
-  rundir.begin(workdir, cfg, start_step)
-  writer = MetricWriter(workdir, enabled=is_main, resumed_step=start_step)
-  writer.write({"kind": "resume" if start_step else "setup", "step": start_step,
-                "compile_s": compile_s,
-                "devices": parallel.describe(mesh), "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps, "params": n_params})
-
-  def checkpoint(state_now):
-    writer.flush()  # first: once a checkpoint exists, the events up to it are on disk
-    checkpointer.save_or_stop(state_now)
+  compiled = run_.compile(functools.partial(train_step, tc), state,
+                          batches.batch(run_.start_step),
+                          what=f"training step ({n_params / 1e6:.3f}M parameters)")
+  eval_fn = run_.jit(functools.partial(eval_step, model), replicated=2, sharded=1)
+  run_.begin(schedule, params=n_params)
 
   def evaluate(s_state):
     params = s_state.ema_params if s_state.ema_params is not None else s_state.params
-    batches = input_pipeline.eval_batches(splits["test"], info, cfg.batch_size, resize, **local)
+    test = input_pipeline.eval_batches(splits["test"], info, cfg.batch_size, resize,
+                                       **run_.local)
     totals = parallel.sum_over_batches(
-        functools.partial(eval_fn, params, s_state.batch_stats), batches, mesh)
+        functools.partial(eval_fn, params, s_state.batch_stats), test, run_.mesh)
     n = float(totals["count"])
     return {"test_loss": float(totals["loss_sum"]) / n, "test_top1": float(totals["top1"]) / n,
             "test_top5": float(totals["top5"]) / n}
 
-  pending, t_log, since = [], time.perf_counter(), 0
-  t_start = time.perf_counter()
   last_eval: dict[str, float] = {}
-  try:
-    for step, local_batch in zip(range(start_step, total_steps), batches.iterate(start_step)):
-      state, m = compiled(state, parallel.put_batch(local_batch, mesh))
-      pending.append(m)
-      since += 1
-      done = step + 1
-      epoch_end = done % steps_per_epoch == 0 or done == total_steps
-      if done % cfg.log_every == 0 or epoch_end:
-        avg = metrics_lib.mean_of(pending)
-        pending = []
-        if int(state.bad_step) >= 0:
-          checkpoint(state)
-        now = time.perf_counter()
-        rate, t_log, since = since / (now - t_log), now, 0
-        epoch = (done - 1) // steps_per_epoch + 1
-        writer.write({"kind": "step", "step": done, "epoch": epoch, **avg, "steps_per_s": rate})
-        logging.info("epoch %d/%d step %d/%d | train loss %.4f acc %.3f | lr %.4f | %.2f steps/s "
-                     "| %s left", epoch, cfg.epochs, done, total_steps, avg["train_loss"],
-                     avg["train_acc"], avg["lr"], rate,
-                     rundir.hms((total_steps - done) / max(rate, 1e-9)))
-      if epoch_end and cfg.eval_every_epochs and (
-          ((done - 1) // steps_per_epoch + 1) % cfg.eval_every_epochs == 0
-          or done == total_steps):
-        last_eval = evaluate(state)
-        best = {"top1": max(best["top1"], last_eval["test_top1"]),
-                "top5": max(best["top5"], last_eval["test_top5"])}
-        epoch = (done - 1) // steps_per_epoch + 1
-        writer.write({"kind": "epoch", "step": done, "epoch": epoch, **last_eval,
-                      "best_top1": best["top1"], "best_top5": best["top5"]})
-        logging.info("epoch %d: test top-1 %.4f (best %.4f), top-5 %.4f", epoch,
-                     last_eval["test_top1"], best["top1"], last_eval["test_top5"])
-      if done % cfg.checkpoint_every == 0 or done == total_steps:
-        checkpoint(state)
-  finally:
-    checkpointer.close()
-    writer.close()
+
+  def at_epoch_end(done, epoch, state):
+    nonlocal best, last_eval
+    if not cfg.eval_every_epochs or (epoch % cfg.eval_every_epochs
+                                     and done != schedule.total_steps):
+      return
+    last_eval = evaluate(state)
+    best = {"top1": max(best["top1"], last_eval["test_top1"]),
+            "top5": max(best["top5"], last_eval["test_top5"])}
+    run_.writer.write({"kind": "epoch", "step": done, "epoch": epoch, **last_eval,
+                       "best_top1": best["top1"], "best_top5": best["top5"]})
+    logging.info("epoch %d: test top-1 %.4f (best %.4f), top-5 %.4f", epoch,
+                 last_eval["test_top1"], best["top1"], last_eval["test_top5"])
+
+  describe = lambda m: (f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.3f} | "
+                        f"lr {m['lr']:.4f}")
+  t_steps = time.perf_counter()
+  state = run_.steps(compiled, state, ((b,) for b in batches.iterate(run_.start_step)),
+                     schedule, describe=describe, at_epoch_end=at_epoch_end)
 
   if not last_eval:
     last_eval = evaluate(state)
@@ -336,10 +267,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              "params": n_params, "params_millions": n_params / 1e6,
              "macs": networks.count_macs(model, {"params": state.params,
                                                  "batch_stats": state.batch_stats}, shape),
-             "wall_s": time.perf_counter() - t_start, "compile_s": compile_s}
+             "wall_s": time.perf_counter() - t_steps, "compile_s": run_.compile_s}
   if cfg.dataset in IMAGENET_LIKE:
     results.update(final_top5=last_eval["test_top5"], best_top5=best["top5"])
-  if is_main:
+  if run_.is_main:
     rundir.write_json(os.path.join(workdir, "results.json"), results)
   logging.info("results: %s", results)
   return results
@@ -351,7 +282,7 @@ def genotype_label(cfg) -> str:
 
 def init_variables(model, seed: int, shape) -> dict[str, Any]:
   """Host initialisation in train mode, so the auxiliary head's parameters exist."""
-  return ops.init_variables(model, seed, jnp.zeros((2, *shape)), 0.0, train=True)
+  return initializers.init_variables(model, seed, jnp.zeros((2, *shape)), 0.0, train=True)
 
 
 def main(argv, config_flag) -> None:

@@ -76,14 +76,9 @@ def _programs(model, wd):
   @jax.jit
   def vectors(params, alpha, stats, train_np, val_np, lr):
     train, val = batches(stats, train_np, val_np)
-    v, g1 = jax.grad(loss, (0, 1))(params, alpha, val)
-    g2_unit = hg.amended_term(loss, params, alpha, train, v, eta=1.0, weight_decay=wd)
-    train_grad = jax.grad(loss)(params, alpha, train)
-    unrolled = hg.unrolled_weights(train_grad, params, lr, weight_decay=wd)
-    v_unrolled, g1_unrolled = jax.grad(loss, (0, 1))(unrolled, alpha, val)
-    g2_darts = hg.darts_term(loss, params, alpha, train, v_unrolled, xi=lr)
-    return v, dict(g1=flat(g1), g2_unit=flat(g2_unit), g2_darts=flat(g2_darts),
-                   g1_unrolled=flat(g1_unrolled))
+    t = hg.second_terms(loss, loss, params, alpha, train, val, eta=1.0, xi=lr, weight_decay=wd)
+    return t["v"], dict(g1=flat(t["g1"]), g2_unit=flat(t["g2_amended"]),
+                        g2_darts=flat(t["g2_darts"]), g1_unrolled=flat(t["g1_unrolled"]))
 
   @jax.jit
   def solve(params, alpha, stats, train_np, val_np, v, damping, maxiter):

@@ -31,8 +31,8 @@ time: 25,000 training images (half of CIFAR-10's 50,000; the other half
 trains alpha), so ceil(25,000 / batch) steps.
 """
 
-if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
-  from amended_darts_jax import hostmem
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (cpu/hostmem.py)
+  from amended_darts_jax.cpu import hostmem
   hostmem.reexec()
 
 import json
@@ -46,7 +46,7 @@ import time
 from absl import app, flags
 
 import common
-from amended_darts_jax import cpu_kernels
+from amended_darts_jax.cpu import kernels
 from common import SIZES
 
 METHODS = ("weight_only", "first_order", "darts/exact", "darts/fd", "amended/exact",
@@ -57,9 +57,9 @@ _METHODS = flags.DEFINE_list("methods", list(METHODS), "method or method/product
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
 _REMAT = flags.DEFINE_list("remat", ["false"], "Rematerialize per cell: true, false or both.")
-_BATCH_EDGES = flags.DEFINE_list("batch_edges", ["true"], "The edges leaving a state as one "
+_EDGE_GROUPS = flags.DEFINE_list("edge_groups", ["true"], "The edges leaving a state as one "
                                  "vmapped op (true) or one op per edge (false), or both.")
-_DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | kernel | shift | dense.")
+_DEPTHWISE = flags.DEFINE_string("conv_pool_impl", "auto", "auto | conv | kernel | shift | dense.")
 _CPU_KERNEL = flags.DEFINE_list("cpu_kernel", ["true"], "Let `auto` use the C++ depthwise kernel "
                                 "on CPU (true), or not (false: AMENDED_DARTS_CPU_KERNEL=0), or both.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Override the size's batch (0: keep).")
@@ -109,11 +109,11 @@ def measure_one(spec: str) -> dict:
   import jax
   import numpy as np
 
-  method_products, remat, batch_edges = spec.split("@")
+  method_products, remat, edge_groups = spec.split("@")
   method, products, size, cfg, state, batch, step = common.setup_step(
-      _SIZE.value, method_products, remat=remat == "true", depthwise_impl=_DEPTHWISE.value,
+      _SIZE.value, method_products, remat=remat == "true", conv_pool_impl=_DEPTHWISE.value,
       batch=_BATCH.value, space=_SPACE.value, layers=_LAYERS.value,
-      batch_edges=batch_edges == "true")
+      edge_groups=edge_groups == "true")
 
   train_batch, val_batch = batch(), batch()
   rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -144,8 +144,8 @@ def measure_one(spec: str) -> dict:
   tflop_per_s = flops / median_s / 1e12
   return dict(size=_SIZE.value, **{k: size[k] for k in ("space", "C", "layers", "batch")},
               method=method, products=products if method != "weight_only" else "",
-              remat=cfg.remat, batch_edges=cfg.batch_edges,
-              cpu_kernel=jax.default_backend() == "cpu" and cpu_kernels.available(),
+              remat=cfg.remat, edge_groups=cfg.edge_groups,
+              cpu_kernel=jax.default_backend() == "cpu" and kernels.available(),
               compile_s=round(compile_s, 2),
               median_step_s=round(median_s, 5),
               min_step_s=round(min(times), 5), steps=len(times),
@@ -162,12 +162,12 @@ def measure_one(spec: str) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ["| method | products | remat | batch edges | C++ kernel | compile s | median step s | "
+  lines = ["| method | products | remat | edge groups | C++ kernel | compile s | median step s | "
            "peak MB (kind) | XLA temp MB | XLA total MB | GFLOP/step (XLA) | TFLOP/s | "
            "share of peak | CIFAR-10 epoch, min |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
-    lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['batch_edges']} | "
+    lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['edge_groups']} | "
                  f"{r['cpu_kernel']} | "
                  f"{r['compile_s']} | "
                  f"{r['median_step_s']} | {r['peak_memory_mb']} ({r['memory_kind']}) | "
@@ -177,12 +177,12 @@ def _table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def _ratio(rows, a, b, remat=False, batch_edges=True):
+def _ratio(rows, a, b, remat=False, edge_groups=True):
   def pick(spec):
     method, _, products = spec.partition("/")
     for r in sorted(rows, key=lambda r: not r["cpu_kernel"]):  # with the kernel if measured
       if (r["method"] == method and (not products or r["products"] == products)
-          and r["remat"] == remat and r["batch_edges"] == batch_edges):
+          and r["remat"] == remat and r["edge_groups"] == edge_groups):
         return r
   ra, rb = pick(a), pick(b)
   if ra and rb:
@@ -204,22 +204,22 @@ def main(argv):
   if _TIMEOUT.value < 0:
     sys.exit(f"error: --timeout_s takes seconds, 0 (no limit) or more; got {_TIMEOUT.value}")
   common.switches("remat", _REMAT.value)  # exits on anything but true/false
-  common.switches("batch_edges", _BATCH_EDGES.value)
+  common.switches("edge_groups", _EDGE_GROUPS.value)
   common.switches("cpu_kernel", _CPU_KERNEL.value)
   os.makedirs(_OUT.value, exist_ok=True)
   rows, failed = [], []
   passthrough = [a for a in sys.argv[1:]
-                 if not a.startswith(("--one", "--methods", "--remat", "--batch_edges",
+                 if not a.startswith(("--one", "--methods", "--remat", "--edge_groups",
                                       "--cpu_kernel"))]
   variants = [(spec, remat, edges, kernel) for remat in _REMAT.value
-              for edges in _BATCH_EDGES.value for kernel in _CPU_KERNEL.value
+              for edges in _EDGE_GROUPS.value for kernel in _CPU_KERNEL.value
               for spec in _METHODS.value]
   for spec, remat, edges, kernel in variants:
     cmd = [sys.executable, os.path.abspath(__file__), *passthrough,
            f"--one={spec}@{remat}@{edges}"]
     env = dict(os.environ)  # the kernel switch reaches the worker through its environment
     if kernel == "false":
-      env[cpu_kernels.SWITCH_ENV] = "0"
+      env[kernels.SWITCH_ENV] = "0"
     error = None
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -233,8 +233,8 @@ def main(argv):
       error = f"stopped after --timeout_s={_TIMEOUT.value} s"
     if error:
       row = dict(size=_SIZE.value, method=spec, remat=remat == "true",
-                 batch_edges=edges == "true", cpu_kernel=kernel == "true", error=error)
-      failed.append(f"not measured: {spec}, remat {remat}, batch edges {edges}, "
+                 edge_groups=edges == "true", cpu_kernel=kernel == "true", error=error)
+      failed.append(f"not measured: {spec}, remat {remat}, edge groups {edges}, "
                     f"C++ kernel {kernel}: {error}")
     else:
       row = json.loads(lines[-1][len("RESULT "):])

@@ -9,7 +9,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from amended_darts_jax import search
 from amended_darts_jax.configs import default
@@ -48,8 +47,8 @@ def switches(flag: str, values: list[str]) -> list[bool]:
   return [known[v] for v in values]
 
 
-def setup(size_name, *, method="amended", products="exact", remat=False, depthwise_impl="auto",
-          batch=0, space="", layers=0, batch_edges=True):
+def setup(size_name, *, method="amended", products="exact", remat=False, conv_pool_impl="auto",
+          batch=0, space="", layers=0, edge_groups=True):
   """(size, cfg, StepConfig, initial SearchState, make_batch) for a named size.
 
   `batch`, `space` and `layers` override the size's values when given.
@@ -60,7 +59,7 @@ def setup(size_name, *, method="amended", products="exact", remat=False, depthwi
       size[key] = value
   cfg = default.get_config()
   cfg.space, cfg.init_channels, cfg.layers = size["space"], size["C"], size["layers"]
-  cfg.remat, cfg.depthwise_impl, cfg.batch_edges = remat, depthwise_impl, batch_edges
+  cfg.remat, cfg.conv_pool_impl, cfg.edge_groups = remat, conv_pool_impl, edge_groups
   cfg.method, cfg.products = method, products
   sc = search.step_config(cfg, search.make_model(cfg, size["classes"]), steps_per_epoch=100)
   state = search.initial_state(cfg, sc, size["image"])
@@ -83,13 +82,9 @@ def step_fn(sc, method):
 
   def step(state, train_batch, val_batch):
     del val_batch
-    train = {**train_batch, "batch_stats": state.batch_stats}
-    (loss, (_, stats)), grad = jax.value_and_grad(
-        lambda p: search.supernet_loss(sc.model, p, state.alpha, train), has_aux=True)(
-            state.params)
-    updates, w_opt_state = sc.w_tx.update(grad, state.w_opt_state, state.params)
-    return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=stats,
-                         w_opt_state=w_opt_state, step=state.step + 1), {"train_loss": loss}
+    params, stats, w_opt_state, _, loss, _ = search.weight_step(sc, state, train_batch)
+    return state.replace(params=params, batch_stats=stats, w_opt_state=w_opt_state,
+                         step=state.step + 1), {"train_loss": loss}
 
   return step
 

@@ -4,7 +4,7 @@ r"""Forward+backward time of one depthwise convolution per formulation, side by 
 
 For the channel counts and map sizes of DARTS' CIFAR networks (36 channels at
 32x32, 72 at 16x16, 144 at 8x8) and kernels 3 and 5: the C++ kernel of
-`cpu_kernels.py` (CPU only), the dense diagonal-kernel convolution, the shifted
+`kernels.py` (CPU only), the dense diagonal-kernel convolution, the shifted
 sum and XLA's grouped convolution. The gradient of a squared sum, in (input,
 kernel); all formulations are compiled first, then timed in `--rounds`
 interleaved rounds (so machine noise hits them alike). Median in milliseconds,
@@ -19,14 +19,14 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from amended_darts_jax import cpu_kernels, ops
+from amended_darts_jax.cpu import depthwise, kernels
 
 _BATCH = flags.DEFINE_integer("batch", 96, "Batch size.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds after one warm-up.")
 _IMPLS = flags.DEFINE_list("impls", ["kernel", "dense", "shift", "conv"], "Formulations.")
 _SHAPES = ((36, 32), (72, 16), (144, 8))
-_FNS = {"kernel": cpu_kernels.depthwise_conv, "dense": ops.depthwise_conv_dense,
-        "shift": ops.depthwise_conv_shift, "conv": ops.depthwise_conv_grouped}
+_FNS = {"kernel": kernels.depthwise_conv, "dense": depthwise.dense,
+        "shift": depthwise.shift, "conv": depthwise.grouped}
 
 
 def main(argv):
@@ -35,9 +35,9 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"unknown --impls {unknown}; known: {', '.join(_FNS)}")
   if "kernel" in _IMPLS.value and not (jax.default_backend() == "cpu" and
-                                       cpu_kernels.available()):
+                                       kernels.available()):
     raise app.UsageError("the C++ kernel needs the CPU backend and a C++ compiler: "
-                         f"{cpu_kernels.why_unavailable() or jax.default_backend()}")
+                         f"{kernels.why_unavailable() or jax.default_backend()}")
   for channels, size in _SHAPES:
     for k in (3, 5):
       x = jax.random.normal(jax.random.PRNGKey(0), (_BATCH.value, size, size, channels))

@@ -1,6 +1,6 @@
-r"""This tree's C++ depthwise kernels against another version of `cpu_kernels.cc`, interleaved.
+r"""This tree's C++ depthwise kernels against another version of `kernels.cc`, interleaved.
 
-  git show REV:amended_darts_jax/cpu_kernels.cc > runs/other_kernels.cc
+  git show REV:amended_darts_jax/cpu/kernels.cc > runs/other_kernels.cc
   python experiments/kernel_ab.py --other=runs/other_kernels.cc [--rounds=60]
 
 Builds the other source into its own library (cached beside this tree's, keyed
@@ -23,9 +23,9 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from amended_darts_jax import cpu_kernels
+from amended_darts_jax.cpu import kernels
 
-_OTHER = flags.DEFINE_string("other", None, "The other version of cpu_kernels.cc.")
+_OTHER = flags.DEFINE_string("other", None, "The other version of kernels.cc.")
 _ROUNDS = flags.DEFINE_integer("rounds", 60, "Timed rounds.")
 _CALLS = flags.DEFINE_list("calls", ["forward", "input_grad", "kernel_grad"], "Which calls.")
 
@@ -40,10 +40,10 @@ def _register_other(source: pathlib.Path) -> str:
   """Builds `source` and registers its calls as other_<call>; returns the prefix."""
   import ctypes
   import hashlib
-  path = cpu_kernels.library_path().with_name(
+  path = kernels.library_path().with_name(
       f"other_{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}.so")
   if not path.exists():
-    cpu_kernels.build(path, source)
+    kernels.build(path, source)
   lib = ctypes.cdll.LoadLibrary(str(path))
   for call, symbol in _SYMBOLS.items():
     jax.ffi.register_ffi_target(f"other_{call}", jax.ffi.pycapsule(getattr(lib, symbol)),
@@ -70,10 +70,10 @@ def _fn(target, out, shared):
 
 def main(argv):
   del argv
-  if not cpu_kernels.available():
-    raise SystemExit(f"error: the C++ kernels are not available: {cpu_kernels.why_unavailable()}")
+  if not kernels.available():
+    raise SystemExit(f"error: the C++ kernels are not available: {kernels.why_unavailable()}")
   if not _OTHER.value or not pathlib.Path(_OTHER.value).is_file():
-    raise SystemExit("error: --other must name a cpu_kernels.cc to compare with")
+    raise SystemExit("error: --other must name a kernels.cc to compare with")
   other = _register_other(pathlib.Path(_OTHER.value))
   print("| call | images, map, channels, edges | this, us | other, us | this / other |")
   print("| --- | --- | --- | --- | --- |")

@@ -21,8 +21,8 @@ time; the wall time per step and the kernels run per step are printed too.
 Writes `profile.json` under `--out`.
 """
 
-if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
-  from amended_darts_jax import hostmem
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (cpu/hostmem.py)
+  from amended_darts_jax.cpu import hostmem
   hostmem.reexec()
 
 import collections
@@ -46,8 +46,8 @@ _METHOD = flags.DEFINE_string("method", "weight_only", "weight_only, or a search
 _SPACE = flags.DEFINE_string("space", "", "Override the size's space.")
 _LAYERS = flags.DEFINE_integer("layers", 0, "Override the size's number of cells (0: keep).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Override the size's batch (0: keep).")
-_BATCH_EDGES = flags.DEFINE_bool("batch_edges", True, "Edge groups (see benchmark.py).")
-_DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | kernel | shift | dense.")
+_BATCH_EDGES = flags.DEFINE_bool("edge_groups", True, "Edge groups (see benchmark.py).")
+_DEPTHWISE = flags.DEFINE_string("conv_pool_impl", "auto", "auto | conv | kernel | shift | dense.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Profiled steps.")
 _TOP = flags.DEFINE_integer("top", 20, "Rows of the module-path table.")
 _OUT = flags.DEFINE_string("out", "runs/profile_kernels", "Output directory.")
@@ -146,8 +146,8 @@ def main(argv):
   import jax
 
   *_, size, _, state, batch, step_fn = common.setup_step(
-      _SIZE.value, _METHOD.value, depthwise_impl=_DEPTHWISE.value, batch=_BATCH.value,
-      space=_SPACE.value, layers=_LAYERS.value, batch_edges=_BATCH_EDGES.value)
+      _SIZE.value, _METHOD.value, conv_pool_impl=_DEPTHWISE.value, batch=_BATCH.value,
+      space=_SPACE.value, layers=_LAYERS.value, edge_groups=_BATCH_EDGES.value)
   train_batch, val_batch = batch(), batch()
   t0 = time.perf_counter()
   compiled = jax.jit(step_fn, donate_argnums=0).lower(state, train_batch, val_batch).compile()

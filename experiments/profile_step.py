@@ -21,7 +21,7 @@ forward+backward (`grad_w`). Parts:
   amended_fd      the amended term by central differences, plus dLt/dw
   step_first_order, step_amended_exact, step_amended_fd: whole search steps
 
-With `--batch_edges=true,false` every part is built for both cell layouts
+With `--edge_groups=true,false` every part is built for both cell layouts
 (edge groups, one op per edge; `supernet.py`), with `--remat=false,true` with
 and without per-cell rematerialization, and all are timed in the same
 interleaved rounds, named e.g. `part@grouped` and `part@per_edge` or
@@ -31,8 +31,8 @@ also gives XLA's temporary buffers of each part (`memory_analysis()`).
 Writes `profile.jsonl` and `profile.md` under `--out`.
 """
 
-if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
-  from amended_darts_jax import hostmem
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (cpu/hostmem.py)
+  from amended_darts_jax.cpu import hostmem
   hostmem.reexec()
 
 import dataclasses
@@ -55,8 +55,8 @@ from amended_darts_jax import search
 _SIZE = flags.DEFINE_enum("size", "tiny", list(common.SIZES), "Named network and batch size.")
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Timed rounds (median reported).")
 _PARTS = flags.DEFINE_list("parts", [], "Parts to time (default: all).")
-_DEPTHWISE = flags.DEFINE_string("depthwise_impl", "auto", "auto | conv | kernel | shift | dense.")
-_BATCH_EDGES = flags.DEFINE_list("batch_edges", ["true"], "Cell layouts: true (edge groups), "
+_DEPTHWISE = flags.DEFINE_string("conv_pool_impl", "auto", "auto | conv | kernel | shift | dense.")
+_BATCH_EDGES = flags.DEFINE_list("edge_groups", ["true"], "Cell layouts: true (edge groups), "
                                  "false (one op per edge) or both.")
 _REMAT = flags.DEFINE_list("remat", ["false"], "Rematerialize per cell: false, true or both.")
 _SPACE = flags.DEFINE_string("space", "", "Override the size's space.")
@@ -111,13 +111,13 @@ def _parts(sc, cfg):
 def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
-  layouts = common.switches("batch_edges", _BATCH_EDGES.value)
+  layouts = common.switches("edge_groups", _BATCH_EDGES.value)
   remats = common.switches("remat", _REMAT.value)
   parts, inputs, unit_of = {}, {}, {}
   for edges, remat in itertools.product(layouts, remats):
     size, cfg, sc, state, make_batch = common.setup(
-        _SIZE.value, depthwise_impl=_DEPTHWISE.value, space=_SPACE.value, layers=_LAYERS.value,
-        batch_edges=edges, remat=remat)
+        _SIZE.value, conv_pool_impl=_DEPTHWISE.value, space=_SPACE.value, layers=_LAYERS.value,
+        edge_groups=edges, remat=remat)
     train_b, val_b = make_batch(), make_batch()
     these = _parts(sc, cfg)
     for method, products in (("first_order", "exact"), ("amended", "exact"), ("amended", "fd")):

@@ -39,8 +39,8 @@ sets: our weight step against DARTS', and our full step against DARTS'
 architecture step plus its weight step. Writes `results.json` under `--out`.
 """
 
-if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (hostmem.py)
-  from amended_darts_jax import hostmem
+if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (cpu/hostmem.py)
+  from amended_darts_jax.cpu import hostmem
   hostmem.reexec()
 
 import functools

@@ -2,16 +2,16 @@ r"""Compile time, step time and XLA memory of one supernet forward+backward.
 
 Measures `jax.grad` of the cross-entropy in (omega, alpha) through the supernet
 in train mode, jitted, for each `--impls` formulation of the depthwise
-convolutions and each `--batch_edges` cell layout, compiled in one process and
+convolutions and each `--edge_groups` cell layout, compiled in one process and
 timed in interleaved rounds. Defaults: the `darts` space at C=16, 8 layers,
 batch 64, 32x32x3 (DARTS' CIFAR-10 search network).
 
   python experiments/supernet_speed.py [--impls=dense,shift,conv] [--steps=5]
   python experiments/supernet_speed.py --C=8 --layers=2 --batch=16 --size=16 \
-      --impls=auto,shift,dense --batch_edges=true,false
+      --impls=auto,shift,dense --edge_groups=true,false
 
 `dense` (a full convolution with a block-diagonal kernel) is what
-`depthwise_impl="auto"` picks on CPU; `conv` is the grouped convolution
+`conv_pool_impl="auto"` picks on CPU; `conv` is the grouped convolution
 (`feature_group_count=C`) used on GPU/TPU.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import common
-from amended_darts_jax import ops, supernet
+from amended_darts_jax import initializers, supernet
 
 _SPACE = flags.DEFINE_string("space", "darts", "Search space.")
 _C = flags.DEFINE_integer("C", 16, "Initial channels.")
@@ -34,19 +34,19 @@ _SIZE = flags.DEFINE_integer("size", 32, "Image height and width.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
 _IMPLS = flags.DEFINE_list("impls", ["dense", "shift", "conv"], "Depthwise formulations to "
                            "compare (also: kernel, auto).")
-_BATCH_EDGES = flags.DEFINE_list("batch_edges", ["true"], "Cell layouts: true (edge groups), "
+_BATCH_EDGES = flags.DEFINE_list("edge_groups", ["true"], "Cell layouts: true (edge groups), "
                                  "false (one op per edge), or both.")
 
 
-def compile_one(impl, batch_edges):
+def compile_one(impl, edge_groups):
   """(row, run): the compiled gradient's record and a function that times one call."""
   model = supernet.Supernet(_SPACE.value, C=_C.value, layers=_LAYERS.value, num_classes=10,
-                            depthwise_impl=impl, batch_edges=batch_edges)
+                            conv_pool_impl=impl, edge_groups=edge_groups)
   key = jax.random.PRNGKey(0)
   x = jax.random.normal(key, (_BATCH.value, _SIZE.value, _SIZE.value, 3))
   y = jax.random.randint(key, (_BATCH.value,), 0, 10)
   alpha = model.init_alpha(key)
-  variables = ops.init_variables(model, 0, x[:2], alpha, train=False)
+  variables = initializers.init_variables(model, 0, x[:2], alpha, train=False)
 
   @jax.jit
   def grad_step(params, stats, alpha, x, y):
@@ -69,7 +69,7 @@ def compile_one(impl, batch_edges):
     return time.perf_counter() - t0
 
   temp_mb = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) / 2**20
-  return dict(impl=impl, batch_edges=batch_edges, space=_SPACE.value, C=_C.value,
+  return dict(impl=impl, edge_groups=edge_groups, space=_SPACE.value, C=_C.value,
               layers=_LAYERS.value, batch=_BATCH.value, size=_SIZE.value,
               compile_s=round(compile_s, 2), xla_temp_mb=round(temp_mb, 1),
               backend=jax.default_backend()), run
@@ -78,7 +78,7 @@ def compile_one(impl, batch_edges):
 def main(argv):
   del argv
   variants = []
-  for edges in common.switches("batch_edges", _BATCH_EDGES.value):
+  for edges in common.switches("edge_groups", _BATCH_EDGES.value):
     for impl in _IMPLS.value:
       row, run = compile_one(impl, edges)
       print(json.dumps(row), flush=True)
@@ -91,8 +91,8 @@ def main(argv):
     print(json.dumps(row), flush=True)
   base = variants[-1][0]
   for row, _, _ in variants[:-1]:
-    print(f"step time {row['impl']}, batch_edges={row['batch_edges']} / {base['impl']}, "
-          f"batch_edges={base['batch_edges']} = "
+    print(f"step time {row['impl']}, edge_groups={row['edge_groups']} / {base['impl']}, "
+          f"edge_groups={base['edge_groups']} = "
           f"{row['median_step_s'] / base['median_step_s']:.3f}")
 
 

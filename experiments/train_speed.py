@@ -16,7 +16,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from amended_darts_jax import networks, train
+from amended_darts_jax import networks, spaces, train
 from amended_darts_jax.configs import train_cifar10
 
 _GENOTYPE = flags.DEFINE_string("genotype", "DARTS_V2", "Genotype name or genotype.json path.")
@@ -32,11 +32,10 @@ def main(argv):
   del argv
   cfg = train_cifar10.get_config()
   cfg.genotype, cfg.init_channels, cfg.layers = _GENOTYPE.value, _C.value, _LAYERS.value
-  genotype = train.resolve_genotype(cfg.genotype)
+  genotype = spaces.get_genotype(cfg.genotype)
   model = train.make_model(cfg, genotype, 10)
-  tx, lr_fn = train.make_optimizer(cfg, steps_per_epoch=500)
-  tc = train.TrainConfig(model, tx, lr_fn, 500, cfg.epochs, cfg.drop_path_prob,
-                         cfg.auxiliary_weight, cfg.label_smoothing, cfg.ema_decay)
+  tc = train.train_config(cfg, model, 500)
+  tx = tc.tx
   shape = (_SIZE.value, _SIZE.value, _CHANNELS.value)
   state = train.initial_state(cfg, model, tx, shape)
   rng = np.random.default_rng(0)

@@ -427,6 +427,94 @@ def test_conjugate_gradient_stops_finite_at_negative_curvature(x64):
   assert not bool(info.negative_curvature)
 
 
+def _symmetric(eigenvalues, seed):
+  """A dense symmetric matrix with the given eigenvalues in a random basis."""
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(eigenvalues),) * 2))
+  return q @ np.diag(eigenvalues) @ q.T
+
+
+def test_minres_solves_definite_and_indefinite_systems_where_cg_fails(x64):
+  rng = np.random.default_rng(0)
+  # Positive definite: MINRES and CG both reach numpy's solution.
+  a = _symmetric(np.linspace(0.5, 20.0, 30), 1)
+  b = rng.normal(size=30)
+  want = np.linalg.solve(a, b)
+  for solver in hg.SOLVERS:
+    x, info = hg.solve(lambda p: jnp.asarray(a) @ p, jnp.asarray(b), solver=solver, maxiter=200,
+                       tol=1e-12)
+    np.testing.assert_allclose(x, want, rtol=1e-9, atol=1e-10)
+    assert float(info.relative_residual) <= 1e-11, solver
+  # Indefinite and nonsingular (eigenvalues on both sides of 0, none near it): CG stops
+  # at negative curvature far from the solution; MINRES converges to it.
+  a = _symmetric(np.concatenate([np.linspace(-5.0, -0.3, 12), np.linspace(0.4, 9.0, 18)]), 2)
+  want = np.linalg.solve(a, b)
+  x, info = hg.conjugate_gradient(lambda p: jnp.asarray(a) @ p, jnp.asarray(b), maxiter=200,
+                                  tol=1e-12)
+  assert bool(info.negative_curvature) and float(info.relative_residual) > 1e-2
+  x, info = hg.minres(lambda p: jnp.asarray(a) @ p, jnp.asarray(b), maxiter=200, tol=1e-12)
+  np.testing.assert_allclose(x, want, rtol=1e-8, atol=1e-9)
+  assert float(info.relative_residual) <= 1e-11 and int(info.iterations) <= 60
+  # On pytrees, under jit, as the implicit term uses it.
+  tree_b = {"u": jnp.asarray(b[:10]), "v": jnp.asarray(b[10:].reshape(4, 5))}
+  matvec = lambda t: (lambda y: {"u": y[:10], "v": y[10:].reshape(4, 5)})(
+      jnp.asarray(a) @ ravel_pytree(t)[0])
+  x, _ = jax.jit(lambda t: hg.minres(matvec, t, maxiter=200, tol=1e-12))(tree_b)
+  np.testing.assert_allclose(ravel_pytree(x)[0], want, rtol=1e-8, atol=1e-9)
+  # The iteration cap holds: a residual short of the tolerance, honestly reported.
+  x, info = hg.minres(lambda p: jnp.asarray(a) @ p, jnp.asarray(b), maxiter=3, tol=1e-12)
+  assert int(info.iterations) == 3
+  np.testing.assert_allclose(info.relative_residual,
+                             np.linalg.norm(b - a @ np.asarray(x)) / np.linalg.norm(b),
+                             rtol=1e-10)
+  assert float(info.relative_residual) > 1e-3
+  with pytest.raises(ValueError, match="solver must be one of"):
+    hg.solve(lambda p: p, jnp.asarray(b), solver="gmres")
+
+
+def test_lanczos_extremes_equal_the_dense_spectrum_ends(x64):
+  eigenvalues = np.concatenate([[-3.5], np.linspace(0.1, 4.0, 38), [11.0]])
+  a = _symmetric(eigenvalues, 3)
+  v0 = {"x": jnp.asarray(np.random.default_rng(4).normal(size=40))}
+  matvec = lambda t: {"x": jnp.asarray(a) @ t["x"]}
+  lo, hi = jax.jit(lambda v: hg.lanczos_extremes(matvec, v, iterations=40))(v0)
+  np.testing.assert_allclose([lo, hi], [-3.5, 11.0], rtol=1e-9)
+  # Fewer steps: the estimates lie inside the spectrum, the isolated ends found early.
+  lo, hi = hg.lanczos_extremes(matvec, v0, iterations=15)
+  assert -3.5 - 1e-9 <= float(lo) and float(hi) <= 11.0 + 1e-9
+  np.testing.assert_allclose([lo, hi], [-3.5, 11.0], rtol=1e-4)
+  # A start vector in a 3-dimensional invariant subspace: the Krylov space stops growing
+  # after 3 steps, and the extremes are those of that subspace, not zeros of empty steps.
+  q, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(40, 40)))
+  a = q @ np.diag(np.concatenate([[2.0, 3.0, 5.0], np.linspace(-9.0, -7.0, 37)])) @ q.T
+  v0 = {"x": jnp.asarray(q[:, :3] @ np.array([1.0, 1.0, 1.0]))}
+  lo, hi = hg.lanczos_extremes(lambda t: {"x": jnp.asarray(a) @ t["x"]}, v0, iterations=10)
+  np.testing.assert_allclose([lo, hi], [2.0, 5.0], rtol=1e-9)
+
+
+def test_implicit_term_with_minres_equals_the_dense_solve_on_an_indefinite_hessian(x64):
+  """A loss whose H + wd I is indefinite: CG cannot give g2, MINRES gives the dense one."""
+  h = jnp.asarray(_symmetric(np.array([-2.0, -0.5, 0.7, 1.5, 3.0, 6.0]), 6))
+  m = jnp.asarray(np.random.default_rng(7).normal(size=(6, 2)))
+  lt = lambda w, a, b: 0.5 * w["w"] @ h @ w["w"] + w["w"] @ m @ a["a"] + 0.1 * jnp.sum(w["w"] ** 4)
+  omega = {"w": jnp.zeros(6)}
+  alpha = {"a": jnp.array([0.3, -0.2])}
+  v = {"w": jnp.asarray(np.random.default_rng(8).normal(size=6))}
+  wd = 0.05
+  # At w = 0 the quartic term has no curvature: H = h, M = m^T (d/da of <dLt/dw, u> = m^T u).
+  want = -(m.T @ np.linalg.solve(np.asarray(h) + wd * np.eye(6), np.asarray(v["w"])))
+  g2, info = hg.implicit_term(lt, omega, alpha, None, v, weight_decay=wd, solver="minres",
+                              tol=1e-13, maxiter=50)
+  np.testing.assert_allclose(g2["a"], want, rtol=1e-9, atol=1e-12)
+  assert float(info.relative_residual) <= 1e-12
+  _, info = hg.implicit_term(lt, omega, alpha, None, v, weight_decay=wd, tol=1e-13, maxiter=50)
+  assert bool(info.negative_curvature)
+  g, aux = hg.arch_gradient(lt, lambda w, a, b: jnp.sum(w["w"] * v["w"]), omega, alpha, None,
+                            None, method="implicit", solver="minres", cg_tol=1e-13)
+  np.testing.assert_allclose(aux["g2"]["a"], -(m.T @ np.linalg.solve(np.asarray(h),
+                                                                      np.asarray(v["w"]))),
+                             rtol=1e-9, atol=1e-12)
+
+
 def test_tree_reductions_equal_numpy_on_the_raveled_leaves(x64):
   """tree_vdot, tree_norm and tree_all_finite lay the leaves end to end (one reduction);
   they equal NumPy on the leaves raveled by hand, and reject trees that differ."""

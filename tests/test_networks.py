@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amended_darts_jax import networks, ops, spaces, visualize
+from amended_darts_jax import initializers, networks, ops, spaces, visualize
 
 
 def _eval_shapes(model, x, train):
@@ -32,12 +32,12 @@ def test_count_macs_of_known_convolutions():
   import flax.linen as nn
 
   class Tiny(nn.Module):
-    depthwise_impl: str = "auto"
+    conv_pool_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, drop_path_rate=0.0, train=False):
       x = nn.Conv(8, (3, 3), (2, 2), padding=((1, 1), (1, 1)))(x)  # 5x5x8 out, 3*3*4 in
-      x = ops.DepthwiseConv(3, 1, 1, impl=self.depthwise_impl)(x)  # 5x5x8 out, 3*3 in
+      x = ops.DepthwiseConv(3, 1, 1, conv_pool_impl=self.conv_pool_impl)(x)  # 5x5x8 out, 3*3 in
       return nn.Dense(6)(x.reshape(x.shape[0], -1)), None  # 200 in, 6 out
 
   model = Tiny()
@@ -49,9 +49,9 @@ def test_count_macs_of_known_convolutions():
 @pytest.fixture(scope="module")
 def tiny_cifar():
   model = networks.NetworkCIFAR(spaces.DARTS_V2, C=4, layers=3, num_classes=5,
-                                auxiliary=True, depthwise_impl="conv")
+                                auxiliary=True, conv_pool_impl="conv")
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
-  variables = ops.init_variables(model, 0, x, 0.0, train=True)
+  variables = initializers.init_variables(model, 0, x, 0.0, train=True)
   return model, variables, x
 
 

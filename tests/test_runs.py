@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from amended_darts_jax import checkpointing, cpu_kernels, hypergrad, ops, parallel, search, train
+from amended_darts_jax import checkpointing, hypergrad, parallel, search, spaces, train
+from amended_darts_jax.cpu import kernels
 from amended_darts_jax.configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,19 +74,17 @@ SHRUNK_DEFAULT = ("--config.layers=3", "--config.epochs=2", "--config.max_steps=
                   "--config.checkpoint_every=4", "--config.log_every=2")
 
 
-def test_default_search_is_byte_identical_twice_and_after_sigkill(tmp_path, cache,
+def test_default_search_is_byte_identical_after_sigkill_and_resume(tmp_path, cache,
                                                                  kill_after_first_checkpoint):
-  assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+  assert kernels.available(), kernels.why_unavailable()
+  """A straight run, and a run SIGKILLed after its first checkpoint and resumed, in fresh
+  processes with the C++ kernels on: the same bytes out. The killed run computed its
+  first steps in another process than the straight one, so this is repeatability
+  across processes as well as an exact resume."""
   flags = (*SHRUNK_DEFAULT, cache)
-  outputs = []
-  for name in ("first", "second"):
-    rc, _, err = _run("search", tmp_path / name, *flags)
-    assert rc == 0, err[-3000:]
-    assert "C++ depthwise and max-pooling kernels are on" in err
-    outputs.append((tmp_path / name / "alphas.json").read_bytes())
-  assert outputs[0] == outputs[1]
-  assert (tmp_path / "first" / "genotype.json").read_bytes() == (
-      tmp_path / "second" / "genotype.json").read_bytes()
+  rc, _, err = _run("search", tmp_path / "first", *flags)
+  assert rc == 0, err[-3000:]
+  assert "C++ depthwise and max-pooling kernels are on" in err
 
   killed = tmp_path / "killed"
   done = kill_after_first_checkpoint(_start("search", killed, *flags), killed)
@@ -95,7 +94,8 @@ def test_default_search_is_byte_identical_twice_and_after_sigkill(tmp_path, cach
   rc, _, err = _run("search", killed, *flags)
   assert rc == 0, err[-3000:]
   assert f"resumed from the checkpoint of step {done[-1]}" in err
-  assert (killed / "alphas.json").read_bytes() == outputs[0]
+  for name in ("alphas.json", "genotype.json"):
+    assert (killed / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
   records = _each_step_once(killed)
   straight = _each_step_once(tmp_path / "first")
   strip = lambda rs: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rs
@@ -104,31 +104,19 @@ def test_default_search_is_byte_identical_twice_and_after_sigkill(tmp_path, cach
   assert [r["kind"] for r in records if r["kind"] in ("setup", "resume")] == ["setup", "resume"]
 
 
-def test_kernel_gradient_is_the_same_bits_every_call():
-  """The C++ kernel gradient sums each kernel's images in a fixed order, whatever the threads do."""
-  assert cpu_kernels.available(), cpu_kernels.why_unavailable()
-  x = jax.random.normal(jax.random.PRNGKey(0), (64, 12, 12, 16))
-  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16))
-  loss = lambda w: jax.numpy.sum(jax.numpy.sin(cpu_kernels.depthwise_conv(x, w, 1, 1, 1)))
-  grad = jax.jit(jax.grad(loss))
-  first = np.asarray(grad(w))
-  assert all(np.array_equal(first, np.asarray(grad(w))) for _ in range(20))
-  np.testing.assert_allclose(first, jax.grad(lambda w: jax.numpy.sum(jax.numpy.sin(
-      ops.depthwise_conv_grouped(x, w, 1, 1, 1))))(w), rtol=2e-4, atol=2e-4)
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
 
 
-def _two_processes(module, workdir, flags):
+def _two_processes(module, workdir, flags, devices=1):
+  """Runs the command as a cluster of two processes on this machine, `devices` CPU devices each."""
   port = _free_port()
   cluster = ("--config.distributed=True", f"--config.coordinator_address=localhost:{port}",
              "--config.num_processes=2")
-  procs = [_start(module, workdir, *flags, *cluster, f"--config.process_id={i}")
-           for i in range(2)]
+  procs = [_start(module, workdir, *flags, *cluster, f"--config.process_id={i}",
+                  env=_env(devices=devices)) for i in range(2)]
   results = [p.communicate(timeout=TIMEOUT) for p in procs]
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
@@ -141,11 +129,13 @@ SEARCH_FLAGS = ("--config.space=s2", "--config.layers=1", "--config.init_channel
 
 
 def test_search_command_on_two_processes_equals_one_process(tmp_path, cache):
-  results = _two_processes("search", tmp_path / "two", (*SEARCH_FLAGS, cache))
-  assert "2 device(s) [cpu] on 2 process(es)" in results[0][1] + results[0][0]
-  rc, _, err = _run("search", tmp_path / "one", *SEARCH_FLAGS, cache, env=_env(devices=2))
+  """Two processes of two devices each (a pod's shape: several hosts, several chips each)
+  end where one process of four devices does."""
+  results = _two_processes("search", tmp_path / "two", (*SEARCH_FLAGS, cache), devices=2)
+  assert "4 device(s) [cpu] on 2 process(es)" in results[0][1] + results[0][0]
+  rc, _, err = _run("search", tmp_path / "one", *SEARCH_FLAGS, cache, env=_env(devices=4))
   assert rc == 0, err[-3000:]
-  assert "kernels are off: the batch is sharded over 2 devices" in err
+  assert "kernels are off: the batch is sharded over 4 devices" in err
   two = json.load(open(tmp_path / "two" / "alphas.json"))["cells"]
   one = json.load(open(tmp_path / "one" / "alphas.json"))["cells"]
   np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-7)
@@ -157,7 +147,7 @@ TRAIN_FLAGS = ("--config.init_channels=4", "--config.layers=3", "--config.batch_
 
 
 def _final_weights(workdir, cfg):
-  genotype = train.resolve_genotype(cfg.genotype)
+  genotype = spaces.get_genotype(cfg.genotype)
   model = train.make_model(cfg, genotype, 10)
   like = train.initial_state(cfg, model, train.make_optimizer(cfg, 10)[0], (8, 8, 1))
   ckpt = checkpointing.Checkpointer(str(workdir))
@@ -205,26 +195,20 @@ def _lowered_texts(fn, args, platforms, **jit_kwargs):
   return [traced.lower(lowering_platforms=(p,)).as_text() for p in platforms]
 
 
-def test_auto_takes_xla_convolutions_on_gpu_and_tpu(monkeypatch):
-  for backend in ("gpu", "tpu"):
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert ops.resolve_depthwise_impl("auto", 3, 16) == "conv"
-
-
 @pytest.mark.parametrize("method, products", [
     ("first_order", "exact"), ("darts", "exact"), ("darts", "fd"), ("amended", "exact"),
     ("amended", "fd"), ("implicit", "exact"), ("implicit", "fd")])
 def test_search_step_lowers_for_cuda_and_tpu(method, products):
   assert method in hypergrad.METHODS and products in hypergrad.PRODUCTS
   fn, args = _search_inputs(_tiny_search_config(method=method, products=products,
-                                                depthwise_impl="conv"))
+                                                conv_pool_impl="conv"))
   for text in _lowered_texts(fn, args, ("cuda", "tpu")):
     assert "amended_darts_cpu_" not in text and "func.func public @main" in text
 
 
 def test_cpu_lowering_of_auto_holds_the_kernel_call_the_gpu_check_looks_for(monkeypatch):
   """The check above can fail: on one CPU device "auto" lowers to the C++ custom calls."""
-  assert cpu_kernels.available(), cpu_kernels.why_unavailable()
+  assert kernels.available(), kernels.why_unavailable()
   monkeypatch.setattr(jax, "device_count", lambda: 1)
   fn, args = _search_inputs(_tiny_search_config(method="first_order"))
   assert "amended_darts_cpu_forward" in _lowered_texts(fn, args, ("cpu",))[0]
@@ -232,7 +216,7 @@ def test_cpu_lowering_of_auto_holds_the_kernel_call_the_gpu_check_looks_for(monk
 
 def test_search_step_sharded_over_8_devices_lowers_for_cuda():
   assert len(jax.devices()) == 8, "conftest asks XLA for 8 CPU devices"
-  fn, args = _search_inputs(_tiny_search_config(depthwise_impl="conv"))
+  fn, args = _search_inputs(_tiny_search_config(conv_pool_impl="conv"))
   mesh = parallel.make_mesh()
   repl, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   text, = _lowered_texts(fn, args, ("cuda",), in_shardings=(repl, shard, shard),
@@ -243,12 +227,11 @@ def test_search_step_sharded_over_8_devices_lowers_for_cuda():
 def test_training_step_lowers_for_cuda_and_tpu():
   from amended_darts_jax.configs import train_default
   cfg = train_default.get_config()
-  cfg.update(init_channels=4, layers=3, batch_size=16, depthwise_impl="conv")
-  genotype = train.resolve_genotype(cfg.genotype)
+  cfg.update(init_channels=4, layers=3, batch_size=16, conv_pool_impl="conv")
+  genotype = spaces.get_genotype(cfg.genotype)
   model = train.make_model(cfg, genotype, 10)
-  tx, lr_fn = train.make_optimizer(cfg, 10)
-  tc = train.TrainConfig(model, tx, lr_fn, 10, cfg.epochs, cfg.drop_path_prob,
-                         cfg.auxiliary_weight, cfg.label_smoothing, cfg.ema_decay)
+  tc = train.train_config(cfg, model, 10)
+  tx = tc.tx
   state = train.initial_state(cfg, model, tx, (8, 8, 1))
   batch = {"image": np.zeros((16, 8, 8, 1), np.float32), "label": np.zeros((16,), np.int32)}
   for text in _lowered_texts(functools.partial(train.train_step, tc), (state, batch),
@@ -363,7 +346,6 @@ CASES = [
 
 def _genotype_file(tmp_path, change):
   """DARTS_V2 as a genotype.json, with the normal gene cut or grown to `change["normal"]` pairs."""
-  from amended_darts_jax import spaces
   d = spaces.DARTS_V2.to_dict()
   if "normal" in change:
     d["normal"] = (d["normal"] * 2)[:change["normal"]]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amended_darts_jax import checkpointing, spaces, train
+from amended_darts_jax import checkpointing, spaces, train, training
 from amended_darts_jax.configs import train_default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,11 +42,10 @@ def genotype_path(tmp_path):
 
 
 def _setup(cfg, steps_per_epoch=10):
-  genotype = train.resolve_genotype(cfg.genotype)
+  genotype = spaces.get_genotype(cfg.genotype)
   model = train.make_model(cfg, genotype, 10)
-  tx, lr_fn = train.make_optimizer(cfg, steps_per_epoch)
-  tc = train.TrainConfig(model, tx, lr_fn, steps_per_epoch, cfg.epochs, cfg.drop_path_prob,
-                         cfg.auxiliary_weight, cfg.label_smoothing, cfg.ema_decay)
+  tc = train.train_config(cfg, model, steps_per_epoch)
+  tx = tc.tx
   state = train.initial_state(cfg, model, tx, (8, 8, 1))
   k1, k2 = jax.random.split(jax.random.PRNGKey(3))
   batch = {"image": jax.random.normal(k1, (16, 8, 8, 1)),
@@ -76,8 +75,8 @@ def test_auxiliary_loss_is_used_only_in_training(genotype_path):
   # The training loss is the main cross-entropy plus exactly 0.4 times the auxiliary one.
   with_aux, _ = train.train_loss(tc, state.params, state.batch_stats, batch,
                                  jax.random.PRNGKey(0), 0.0)
-  main = train.cross_entropy(logits_t, batch["label"])
-  side = train.cross_entropy(aux_t, batch["label"])
+  main = training.cross_entropy(logits_t, batch["label"])
+  side = training.cross_entropy(aux_t, batch["label"])
   np.testing.assert_allclose(with_aux, main + 0.4 * side, rtol=1e-5)
   assert float(side) > 0.1
 
@@ -122,7 +121,7 @@ def _tiny_flags(genotype_path, cache):
 
 
 def _final_params(cfg, workdir):
-  genotype = train.resolve_genotype(cfg.genotype)
+  genotype = spaces.get_genotype(cfg.genotype)
   model = train.make_model(cfg, genotype, 10)
   tx, _ = train.make_optimizer(cfg, 10)
   like = train.initial_state(cfg, model, tx, (8, 8, 1))

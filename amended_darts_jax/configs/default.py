@@ -30,9 +30,11 @@ def get_config():
   c.init_channels = 8
   c.layers = 5
   c.activation = "relu"  # relu | softplus | gelu | tanh (smooth: exact-vs-fd studies)
-  c.depthwise_impl = "auto"  # auto | conv | kernel (C++, CPU; max pooling too) | shift | dense
+  # How depthwise convolutions and max pooling run: auto | conv (XLA) | kernel (C++, CPU)
+  # | shift | dense (pure JAX, CPU); amended_darts_jax/cpu/dispatch.py
+  c.conv_pool_impl = "auto"
   c.remat = False  # rematerialize per cell (less memory, more time)
-  c.batch_edges = True  # the edges leaving a state as one vmapped op (faster; False: per edge)
+  c.edge_groups = True  # the edges leaving a state as one vmapped op (faster; False: per edge)
 
   # The architecture gradient.
   c.method = "amended"  # first_order | darts | amended | implicit

@@ -27,7 +27,7 @@ def get_config():
   c.auxiliary_weight = 0.4
   c.drop_path_prob = 0.2  # ramped linearly from 0 over the epochs
   c.activation = "relu"
-  c.depthwise_impl = "auto"
+  c.conv_pool_impl = "auto"
 
   c.epochs = 10
   c.batch_size = 64

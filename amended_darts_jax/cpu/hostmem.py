@@ -13,8 +13,9 @@ Tunables are read when a process starts, so the command-line entry points
 the same command again, once, with the tunable added to `GLIBC_TUNABLES`. It
 does nothing where the tunable is already set (to anything), off Linux or
 glibc, on older glibc, where the kernel's transparent huge pages are `never`,
-or with `AMENDED_DARTS_HUGEPAGES=0` in the environment. As a library nothing
-here runs.
+or with `AMENDED_DARTS_HUGEPAGES=0` in the environment. The search and the
+retraining say in one log line which it was (`state`). Importing this module
+runs nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 SWITCH_ENV = "AMENDED_DARTS_HUGEPAGES"  # "0": leave the environment alone
 TUNABLE = "glibc.malloc.hugetlb"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+_RERUN_ENV = "AMENDED_DARTS_HUGEPAGES_RERUN"  # set in the re-run command's environment
 
 
 def _thp_mode(path: str = THP_MODE) -> str:
@@ -37,25 +39,34 @@ def _thp_mode(path: str = THP_MODE) -> str:
   return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
 
 
-def environment(environ, *, system: str | None = None, libc: tuple[str, str] | None = None,
-                thp_mode: str | None = None) -> dict | None:
-  """The environment to run with the tunable, or None where nothing should change."""
+def _decide(environ, system, libc, thp_mode) -> tuple[dict | None, str]:
+  """(the environment to run with the tunable, or None; why not, when None)."""
   system = sys.platform if system is None else system
   name, version = platform.libc_ver() if libc is None else libc
   thp_mode = _thp_mode() if thp_mode is None else thp_mode
-  if environ.get(SWITCH_ENV, "1") == "0" or not system.startswith("linux") or name != "glibc":
-    return None
+  if environ.get(SWITCH_ENV, "1") == "0":
+    return None, f"turned off by {SWITCH_ENV}=0"
+  if not system.startswith("linux") or name != "glibc":
+    return None, "not Linux with glibc"
   try:
     if tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
-      return None
+      return None, f"glibc {version} predates the tunable (2.35)"
   except ValueError:
-    return None
+    return None, "glibc's version is unknown"
   if thp_mode not in ("always", "madvise"):
-    return None
+    return None, f"the kernel's transparent huge pages are {thp_mode or 'unknown'}"
   tunables = environ.get("GLIBC_TUNABLES", "")
   if any(item.split("=")[0] == TUNABLE for item in tunables.split(":")):
-    return None
-  return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, f"{TUNABLE}=1")))}
+    return None, f"GLIBC_TUNABLES already sets {TUNABLE}"
+  env = {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, f"{TUNABLE}=1"))),
+         _RERUN_ENV: "1"}
+  return env, ""
+
+
+def environment(environ, *, system: str | None = None, libc: tuple[str, str] | None = None,
+                thp_mode: str | None = None) -> dict | None:
+  """The environment to run with the tunable, or None where nothing should change."""
+  return _decide(environ, system, libc, thp_mode)[0]
 
 
 def reexec() -> None:
@@ -69,3 +80,13 @@ def reexec() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
   except OSError:  # the command goes on as it is, with 4 KB pages
     return
+
+
+def state(environ=None) -> str:
+  """One sentence on whether this process runs with the tunable, and why not."""
+  environ = os.environ if environ is None else environ
+  if environ.get(_RERUN_ENV) == "1":
+    return (f"malloc takes transparent huge pages for large blocks: the command re-ran itself "
+            f"once with GLIBC_TUNABLES={TUNABLE}=1 ({SWITCH_ENV}=0 turns this off)")
+  why = _decide(environ, None, None, None)[1] or "the command did not re-run itself"
+  return f"malloc uses 4 KB pages ({why})"

@@ -4,17 +4,19 @@ import os
 import subprocess
 import sys
 
-from amended_darts_jax import hostmem
+from amended_darts_jax.cpu import hostmem
 
 LINUX = dict(system="linux", libc=("glibc", "2.36"), thp_mode="madvise")
 
 
 def test_environment_adds_the_tunable_only_where_it_applies():
   env = hostmem.environment({"PATH": "/bin"}, **LINUX)
-  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                 hostmem._RERUN_ENV: "1"}
   # Other tunables are kept; one already set, to any value, is left alone.
   assert hostmem.environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **LINUX) == {
-      "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+      "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+      hostmem._RERUN_ENV: "1"}
   assert hostmem.environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **LINUX) is None
   assert hostmem.environment({hostmem.SWITCH_ENV: "0"}, **LINUX) is None
   assert hostmem.environment({}, **{**LINUX, "system": "darwin"}) is None
@@ -36,10 +38,11 @@ def test_reexec_runs_the_command_again_once_with_the_tunable(tmp_path):
   script = tmp_path / "entry.py"
   script.write_text(
       "import os, sys\n"
-      "from amended_darts_jax import hostmem\n"
+      "from amended_darts_jax.cpu import hostmem\n"
       "print('start', os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], flush=True)\n"
       "hostmem.reexec()\n"
       "print('main', os.environ.get('GLIBC_TUNABLES', ''))\n"
+      "print(hostmem.state())\n"
       "sys.exit(3)\n")
   base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.SWITCH_ENV)}
   for extra in ({}, {hostmem.SWITCH_ENV: "0"}):
@@ -48,8 +51,12 @@ def test_reexec_runs_the_command_again_once_with_the_tunable(tmp_path):
     assert out.returncode == 3, out.stderr  # the rerun's exit status is the command's
     lines = out.stdout.splitlines()
     if hostmem.environment({**base, **extra}) is None:
-      assert lines == ["start  ['--flag=1']", "main "]
+      assert lines[:2] == ["start  ['--flag=1']", "main "]
+      assert lines[2].startswith("malloc uses 4 KB pages (")
+      if extra:
+        assert lines[2] == "malloc uses 4 KB pages (turned off by AMENDED_DARTS_HUGEPAGES=0)"
     else:
-      assert lines == ["start  ['--flag=1']",
-                       "start glibc.malloc.hugetlb=1 ['--flag=1']",
-                       "main glibc.malloc.hugetlb=1"]
+      assert lines[:3] == ["start  ['--flag=1']",
+                           "start glibc.malloc.hugetlb=1 ['--flag=1']",
+                           "main glibc.malloc.hugetlb=1"]
+      assert lines[3].startswith("malloc takes transparent huge pages")

@@ -1,6 +1,6 @@
-"""Depthwise convolution and max pooling for XLA:CPU as C++ custom calls (`cpu_kernels.cc`).
+"""Depthwise convolution and max pooling for XLA:CPU as C++ custom calls (`kernels.cc`).
 
-XLA:CPU has no fast depthwise convolution (ops.py), and its max pooling and
+XLA:CPU has no fast depthwise convolution (depthwise.py), and its max pooling and
 that pooling's gradient (a window reduction that tracks indices, then a
 scatter) are slow too. The kernels here make one pass over the activation
 for each of the convolution's forward pass, input gradient and kernel
@@ -10,7 +10,7 @@ machine (`$CXX`, else `c++`/`g++`) against the XLA FFI headers that jaxlib
 ships, and cached under `$AMENDED_DARTS_KERNEL_CACHE` (default
 `~/.cache/amended_darts_jax/kernels`), keyed by the source, jaxlib's version
 and the CPU. Without a compiler, or with `AMENDED_DARTS_CPU_KERNEL=0` in the
-environment, `available()` is False and ops.py's "auto" keeps its pure-JAX
+environment, `available()` is False and dispatch.py's "auto" keeps the pure-JAX
 formulations (a failed build logs one warning saying why).
 
 Derivatives. `depthwise_conv(x, k)` is a `jax.custom_vjp` whose backward pass
@@ -49,7 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
+from amended_darts_jax.cpu.depthwise import out_size
+
+SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 CACHE_ENV = "AMENDED_DARTS_KERNEL_CACHE"
 SWITCH_ENV = "AMENDED_DARTS_CPU_KERNEL"  # "0": do not build or use the kernel
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -89,7 +91,7 @@ def _compiler() -> str | None:
 
 
 def build(path: pathlib.Path, source: pathlib.Path = SOURCE) -> None:
-  """Compiles `source` (by default this package's cpu_kernels.cc) into the library `path`."""
+  """Compiles `source` (by default this package's kernels.cc) into the library `path`."""
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set CXX)")
@@ -144,21 +146,21 @@ def supports(dtype) -> bool:
 
 
 def _ffi(short, shape, dtype, *operands, **attributes):
-  """One custom call of cpu_kernels.cc, its integer attributes as int64."""
+  """One custom call of kernels.cc, its integer attributes as int64."""
   return jax.ffi.ffi_call(_PREFIX + short, jax.ShapeDtypeStruct(shape, dtype),
                           vmap_method="broadcast_all")(
       *operands, **{name: np.int64(value) for name, value in attributes.items()})
 
 
 # The three bilinear kernels. Each takes its geometry as one static argument
-# (`shared`: E kernels on one input, cpu_kernels.cc; `shape`: the result's, for
+# (`shared`: E kernels on one input, kernels.cc; `shape`: the result's, for
 # the two gradients), then one or more operand pairs (a_t, b_t), and computes
 # sum_t f(a_t, b_t) in one custom call. Its jvp is the product rule,
 # sum_t f(a_t', b_t) + f(a_t, b_t'), again one call (of up to _MAX_TERMS pairs;
 # more are split), so a tangent costs one pass over the activations rather
 # than two calls and their sum. A symbolic zero tangent drops its pair.
 
-_MAX_TERMS = 4  # cpu_kernels.cc's kMaxTerms
+_MAX_TERMS = 4  # kernels.cc's kMaxTerms
 
 
 class _Geometry(NamedTuple):
@@ -196,7 +198,6 @@ def _call(short, shape, dtype, geometry, operands):
 
 @_bilinear
 def _forward(geometry, x, k, *more):
-  from amended_darts_jax.ops import out_size  # here: ops imports this module
   stride, pad, dilation = geometry.stride, geometry.pad, geometry.dilation
   n, h, w, c = x.shape
   kk = k.shape[-2]
@@ -289,7 +290,6 @@ def _linear_in_second(fn):
 
 @_linear_in_second
 def _max_gather(x, t, window, stride, pad):
-  from amended_darts_jax.ops import out_size  # here: ops imports this module
   n, h, w, c = x.shape
   shape = (n, out_size(h, window, stride, pad), out_size(w, window, stride, pad), c)
   return _ffi("max_gather", shape, x.dtype, x, t, window=window, stride=stride, pad=pad)
