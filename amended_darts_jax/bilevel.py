@@ -7,8 +7,8 @@ Hessian H + wd I of F positive definite) it is a smooth function of a, and
   df/da = g1 + g2 = dLv/da - M (H + wd I)^-1 v                 (docs/math.md §2)
 
 by the implicit function theorem. `InnerProblem.solve` reaches w* to a
-gradient norm of 1e-8 or less (L-BFGS, then Newton steps with MINRES on exact
-Hessian-vector products) and reports the extreme eigenvalues of H + wd I
+gradient norm of 1e-8 or less (L-BFGS, then damped Newton steps with MINRES on
+exact Hessian-vector products) and reports the extreme eigenvalues of H + wd I
 there (Lanczos); `implicit_gradient` is g1 + g2 with the solve dense (for tiny
 problems) or by MINRES; `difference_gradient` is the same derivative by
 central differences of f, re-solving the inner problem at every perturbed a.
@@ -47,7 +47,9 @@ class InnerSolution:
 
   @property
   def strict_minimum(self) -> bool:
-    return self.eig_min > 0
+    """H + wd I positive definite beyond rounding: its smallest eigenvalue above
+    sqrt(machine epsilon) times its largest (float64: 1.5e-8)."""
+    return self.eig_min > np.sqrt(np.finfo(np.float64).eps) * self.eig_max
 
 
 def _inner_objective(loss_train, weight_decay):
@@ -71,10 +73,10 @@ class InnerProblem:
     def hvp(w, a, b, p):
       return jax.jvp(lambda w: jax.grad(objective)(w, a, b), (w,), (p,))[1]
 
-    def newton_direction(w, a, b, maxiter):
+    def newton_direction(w, a, b, mu, maxiter):
       g = jax.grad(objective)(w, a, b)
-      d, _ = hg.minres(lambda p: hvp(w, a, b, p), hg.tree_scale(-1.0, g), maxiter=maxiter,
-                       tol=1e-10)
+      d, _ = hg.minres(lambda p: hg.tree_axpy(mu, p, hvp(w, a, b, p)), hg.tree_scale(-1.0, g),
+                       maxiter=maxiter, tol=1e-10)
       return d
 
     def extremes(w, a, b, start, iterations):
@@ -82,41 +84,43 @@ class InnerProblem:
 
     self._grad = jax.jit(jax.grad(objective))
     self._lbfgs_step = jax.jit(lbfgs_step)
-    self._newton_direction = jax.jit(newton_direction, static_argnums=3)
+    self._newton_direction = jax.jit(newton_direction, static_argnums=4)
     self._extremes = jax.jit(extremes, static_argnums=4)
 
   def grad_norm(self, w, alpha) -> float:
     return float(hg.tree_norm(self._grad(w, alpha, self.batch)))
 
-  def solve(self, omega0: PyTree, alpha: PyTree, *, tol: float = 1e-8, lbfgs_steps: int = 2000,
-            newton_steps: int = 30, minres_iters: int = 500,
+  def solve(self, omega0: PyTree, alpha: PyTree, *, tol: float = 1e-8, lbfgs_tol: float = 1e-5,
+            lbfgs_steps: int = 3000, newton_steps: int = 100, minres_iters: int = 500,
             lanczos_iters: int = 80) -> InnerSolution:
-    """w* from omega0: L-BFGS until |dF/dw| <= sqrt(tol), then Newton-MINRES to tol.
+    """w* from omega0: L-BFGS until |dF/dw| <= lbfgs_tol, then damped Newton to tol.
 
-    A Newton step (H + wd I) d = -dF/dw is solved by MINRES to a relative residual
-    of 1e-10 and taken whole where it lowers |dF/dw|, else halved up to 30 times.
-    `lanczos_iters` 0 skips the eigenvalues (NaN). Raises RuntimeError where tol is
-    not reached (the message says how far).
+    A Newton step solves (H + wd I + mu I) d = -dF/dw by MINRES to a relative
+    residual of 1e-10 and is taken whole, or halved up to three times, where it
+    lowers |dF/dw|. mu starts at 0 and grows tenfold (from 1e-6) after a step
+    that had to be shortened or failed, and shrinks tenfold after a whole one
+    (Levenberg-Marquardt): far from the minimum, or where H + wd I is indefinite,
+    the step turns toward the gradient. `lanczos_iters` 0 skips the eigenvalues
+    (NaN). Raises RuntimeError where tol is not reached (the message says how far).
     """
     w, state = omega0, self._opt.init(omega0)
     done_lbfgs = 0
-    while done_lbfgs < lbfgs_steps and self.grad_norm(w, alpha) > np.sqrt(tol):
+    while done_lbfgs < lbfgs_steps and self.grad_norm(w, alpha) > lbfgs_tol:
       w, state = self._lbfgs_step(w, state, alpha, self.batch)
       done_lbfgs += 1
-    done_newton, norm = 0, self.grad_norm(w, alpha)
+    done_newton, norm, mu = 0, self.grad_norm(w, alpha), 0.0
     while norm > tol and done_newton < newton_steps:
-      d = self._newton_direction(w, alpha, self.batch, minres_iters)
-      step = 1.0
-      for _ in range(30):
+      d = self._newton_direction(w, alpha, self.batch, mu, minres_iters)
+      done_newton += 1
+      for step in (1.0, 0.5, 0.25, 0.125):
         trial = hg.tree_axpy(step, d, w)
         trial_norm = self.grad_norm(trial, alpha)
         if trial_norm < norm:
+          w, norm = trial, trial_norm
           break
-        step *= 0.5
       else:
-        break  # no step lowers the gradient: stuck, reported below
-      w, norm = trial, trial_norm
-      done_newton += 1
+        step = 0.0
+      mu = (mu / 10 if mu > 1e-12 else 0.0) if step == 1.0 else max(10 * mu, 1e-6)
     if not norm <= tol:
       raise RuntimeError(f"the inner problem reached |dF/dw| = {norm:.3g}, not {tol:g}, after "
                          f"{done_lbfgs} L-BFGS and {done_newton} Newton steps")
@@ -165,9 +169,11 @@ def implicit_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch
 
 
 def difference_gradient(problem: InnerProblem, loss_val, solution: InnerSolution, alpha,
-                        val_batch, *, step: float = 1e-4, tol: float = 1e-11) -> PyTree:
+                        val_batch, *, step: float = 1e-4, tol: float = 1e-11,
+                        minres_iters: int = 500) -> PyTree:
   """df/da by central differences, f(a) = Lv(w*(a), a), each coordinate of alpha
-  moved by +-step and the inner problem solved again from w* to `tol`."""
+  moved by +-step and the inner problem solved again from w* to `tol` (Newton
+  steps of `minres_iters` MINRES iterations)."""
   flat_a, unravel_a = ravel_pytree(alpha)
   outer = jax.jit(lambda w, a, b: loss_val(w, a, b))
   derivative = np.zeros(flat_a.shape[0])
@@ -175,7 +181,8 @@ def difference_gradient(problem: InnerProblem, loss_val, solution: InnerSolution
     values = []
     for sign in (1.0, -1.0):
       a = unravel_a(flat_a.at[i].add(sign * step))
-      moved = problem.solve(solution.omega, a, tol=tol, lbfgs_steps=0, lanczos_iters=0)
+      moved = problem.solve(solution.omega, a, tol=tol, lbfgs_steps=0, lanczos_iters=0,
+                            minres_iters=minres_iters)
       values.append(float(outer(moved.omega, a, val_batch)))
     derivative[i] = (values[0] - values[1]) / (2 * step)
   return unravel_a(jnp.asarray(derivative, flat_a.dtype))

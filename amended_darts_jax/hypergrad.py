@@ -311,7 +311,7 @@ def conjugate_gradient(matvec, b, *, maxiter=100, tol=1e-6):
 
   Stops when |b - A x| <= tol |b|, after maxiter iterations, or at the first
   direction of non-positive curvature (then x is the last iterate: zero if it
-  happens at once; damping makes A positive definite). Returns `(x, CGInfo)`;
+  happens at once; damping makes A positive definite). Returns `(x, SolveInfo)`;
   the reported residual is recomputed as |b - A x| / |b| at the end, not taken
   from the recurrence.
   """

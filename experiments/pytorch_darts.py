@@ -34,9 +34,9 @@ steps:
   method in `--methods`.
 
 Prints the parameter count of both networks (they must agree: the same
-construction), the median step times and the ratios the performance issue
-sets: our weight step against DARTS', and our full step against DARTS'
-architecture step plus its weight step. Writes `results.json` under `--out`.
+construction), the median step times and two ratios: our weight step
+against DARTS', and our full step against DARTS' architecture step plus its
+weight step. Writes `results.json` under `--out`.
 """
 
 if __name__ == "__main__":  # first, before jax loads: rerun once with huge pages (cpu/hostmem.py)

@@ -40,3 +40,15 @@ def _kill_after_first_checkpoint(proc, workdir, timeout=600):
 @pytest.fixture
 def kill_after_first_checkpoint():
   return _kill_after_first_checkpoint
+
+
+# The modules whose tests take longest (command-line runs, compiles of whole supernets)
+# go first, so that with `-n 2` neither worker is left with a long test at the end.
+_LONGEST_FIRST = ("test_runs.py", "test_supernet.py", "test_search.py", "test_train.py",
+                  "test_bilevel.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = lambda item: next((i for i, name in enumerate(_LONGEST_FIRST)
+                            if item.nodeid.startswith(f"tests/{name}")), len(_LONGEST_FIRST))
+  items.sort(key=rank)  # stable: the order within a module is kept

@@ -315,7 +315,6 @@ CASES = [
     ("max_steps_negative", "search", ("--config.max_steps=-1",), None, 1,
      "config.max_steps must be >= 0, got -1"),
     ("fd_r_zero", "search", ("--config.fd_r=0",), None, 1, "config.fd_r must be positive, got 0.0"),
-    ("fd_r_negative", "search", ("--config.fd_r=-0.01",), None, 1, "config.fd_r must be positive"),
     ("unknown_field", "search", ("--config.foo=3",), None, 1,
      "--config.foo: the config has no field 'foo'"),
     ("unknown_field_train", "train", ("--config.foo=3",), None, 1,
