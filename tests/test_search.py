@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from amended_darts_jax import parallel, rundir, search, spaces
+from amended_darts_jax import loop, parallel, rundir, search, spaces
 from amended_darts_jax.configs import default
 from amended_darts_jax.errors import ConfigError, NonFiniteError
 
@@ -120,6 +120,19 @@ def test_search_step_traces_once():
   for _ in range(3):
     state, _ = step(state, train, val)
   assert int(state.step) == 3
+
+
+def test_a_workdir_written_under_the_old_field_names_still_resumes(tmp_path):
+  cfg = tiny_config()
+  saved = json.loads(cfg.to_json())
+  saved["depthwise_impl"] = saved.pop("conv_pool_impl")
+  saved["batch_edges"] = saved.pop("edge_groups")
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  fields = loop.RESUMABLE_FIELDS + search.RESUMABLE_FIELDS
+  rundir.check_resumable(str(tmp_path), cfg, fields)  # the same run: no error
+  changed = tiny_config(edge_groups=False)
+  with pytest.raises(ConfigError, match="edge_groups: True there, False now"):
+    rundir.check_resumable(str(tmp_path), changed, fields)
 
 
 def test_collapse_count_takes_the_strongest_operation_other_than_none():
