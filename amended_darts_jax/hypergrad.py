@@ -577,9 +577,10 @@ def second_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, *, 
   DARTS' first term). Losses return a scalar (no aux).
   """
   v, g1 = jax.grad(loss_val, (0, 1))(omega, alpha, val_batch)
-  g2_amended = amended_term(loss_train, omega, alpha, train_batch, v, eta=eta,
-                            weight_decay=weight_decay)
-  train_grad = jax.grad(loss_train)(omega, alpha, train_batch)
+  # The amended term's linearization gives dLt/dw as its primal: no second pass for it.
+  g2_amended, train_grad, _ = _amended(loss_train, omega, alpha, train_batch, v, eta=eta,
+                                       weight_decay=weight_decay, products="exact", r=0.0,
+                                       has_aux=False)
   unrolled = unrolled_weights(train_grad, omega, xi, weight_decay=weight_decay)
   v_unrolled, g1_unrolled = jax.grad(loss_val, (0, 1))(unrolled, alpha, val_batch)
   g2_darts = darts_term(loss_train, omega, alpha, train_batch, v_unrolled, xi=xi)

@@ -219,7 +219,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   best = {"top1": 0.0, "top5": 0.0}
   for r in metrics_lib.read(workdir, "epoch") if run_.start_step else ():
     if r["step"] <= run_.start_step:
-      best = {"top1": max(best["top1"], r["test_top1"]), "top5": max(best["top5"], r["test_top5"])}
+      best = _best(best, r)
 
   compiled = run_.compile(functools.partial(train_step, tc), state,
                           batches.batch(run_.start_step),
@@ -245,8 +245,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                      and done != schedule.total_steps):
       return
     last_eval = evaluate(state)
-    best = {"top1": max(best["top1"], last_eval["test_top1"]),
-            "top5": max(best["top5"], last_eval["test_top5"])}
+    best = _best(best, last_eval)
     run_.writer.write({"kind": "epoch", "step": done, "epoch": epoch, **last_eval,
                        "best_top1": best["top1"], "best_top5": best["top5"]})
     logging.info("epoch %d: test top-1 %.4f (best %.4f), top-5 %.4f", epoch,
@@ -260,8 +259,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   if not last_eval:
     last_eval = evaluate(state)
-    best = {"top1": max(best["top1"], last_eval["test_top1"]),
-            "top5": max(best["top5"], last_eval["test_top5"])}
+    best = _best(best, last_eval)
   results = {"genotype": genotype_label(cfg), "steps": int(state.step),
              "final_top1": last_eval["test_top1"], "best_top1": best["top1"],
              "params": n_params, "params_millions": n_params / 1e6,
@@ -274,6 +272,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     rundir.write_json(os.path.join(workdir, "results.json"), results)
   logging.info("results: %s", results)
   return results
+
+
+def _best(best: dict[str, float], evaluation: dict[str, float]) -> dict[str, float]:
+  """The best top-1 and top-5 so far, after one more evaluation's test_top1 and test_top5."""
+  return {"top1": max(best["top1"], evaluation["test_top1"]),
+          "top5": max(best["top5"], evaluation["test_top5"])}
 
 
 def genotype_label(cfg) -> str:

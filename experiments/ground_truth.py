@@ -148,10 +148,11 @@ def one_seed(seed: int) -> dict:
     record[f"cos_full_darts_xi{xi:g}"] = _cos(g1 + g2_darts, g)
   record["cos_darts_g2"] = _cos(mv, g2)  # any xi: g2'' = xi (-M v)
   damped = {}
+  # One program for every damping: lambda is an argument, not a constant.
+  damped_term = jax.jit(lambda w, a, b, v, lam: hg.implicit_term(
+      loss, w, a, b, v, weight_decay=wd, damping=lam, solver="minres", maxiter=1000, tol=1e-12))
   for damping in map(float, _DAMPINGS.value):
-    g2_d, info = jax.jit(lambda w, a, b, v, lam: hg.implicit_term(
-        loss, w, a, b, v, weight_decay=wd, damping=lam, solver="minres", maxiter=1000,
-        tol=1e-12))(w, alpha, train, v, damping)
+    g2_d, info = damped_term(w, alpha, train, v, damping)
     g2_d = _flat(g2_d)
     damped[f"{damping:g}"] = {"cos_g2": _cos(g2_d, g2), "cos_minus_mv": _cos(g2_d, mv),
                               "residual": float(info.relative_residual)}
