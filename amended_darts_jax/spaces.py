@@ -9,6 +9,8 @@ pairs, in DARTS' format, so the same discrete network serves every space.
     s1:    8 fixed edges, 7 ops, shared normal/reduce alphas, argmax per edge
     s2:    8 fixed edges, {skip_connect, sep_conv_3x3}, one alpha per cell (20 cells)
     s2_all: s2's layout with s1's seven ops (the search the paper could not fit in memory)
+    rdarts_s2: darts' cell and discretization with {skip_connect, sep_conv_3x3} (RobustDARTS' S2)
+    rdarts_s3: darts' cell and discretization with {none, skip_connect, sep_conv_3x3} (their S3)
 """
 
 from __future__ import annotations
@@ -262,6 +264,16 @@ class SearchSpace:
       return Genotype(cells=tuple(self._gene(w) for w in weights["cells"]))
     return Genotype(normal=self._gene(weights["normal"]), reduce=self._gene(weights["reduce"]))
 
+  def sample_genotype(self, rng: np.random.Generator, layers: int | None = None) -> Genotype:
+    """A uniformly random architecture of the space (random search's sampler).
+
+    It discretizes independent standard-normal logits: every edge and every
+    operation enter the discretization symmetrically, so each of the
+    `num_architectures` architectures is equally likely.
+    """
+    return self.genotype({name: rng.standard_normal(shape)
+                          for name, shape in sorted(self.alpha_shapes(layers).items())})
+
   def _gene(self, w_ExO: np.ndarray) -> Gene:
     usable = [k for k, op in enumerate(self.ops) if op != "none"]
     gene = []
@@ -285,6 +297,12 @@ SPACES = {
                       discretize="argmax", default_layers=20),
     "s2_all": SearchSpace("s2_all", PRIMITIVES[1:], _chain_edges(STEPS), per_cell=True,
                           discretize="argmax", default_layers=20),
+    # The two-operation spaces in which Zela et al. (2020) show DARTS collapsing.
+    "rdarts_s2": SearchSpace("rdarts_s2", ("skip_connect", "sep_conv_3x3"), _all_edges(STEPS),
+                             per_cell=False, discretize="top2", default_layers=8),
+    "rdarts_s3": SearchSpace("rdarts_s3", ("none", "skip_connect", "sep_conv_3x3"),
+                             _all_edges(STEPS), per_cell=False, discretize="top2",
+                             default_layers=8),
 }
 
 

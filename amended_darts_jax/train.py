@@ -152,21 +152,19 @@ def validate_config(cfg) -> None:
       "conv_pool_impl": validation.one_of(dispatch.IMPLS),
       **dict.fromkeys(positive, validation.POSITIVE),
       **dict.fromkeys(non_negative, validation.NON_NEGATIVE),
-      **dict.fromkeys(("momentum", "drop_path_prob", "label_smoothing", "ema_decay"),
+      **dict.fromkeys(("momentum", "drop_path_prob", "label_smoothing", "ema_decay", "holdout"),
                       validation.FRACTION)})
   validation.check_cluster(cfg)
 
 
 def _image_shape(cfg) -> tuple[int, int, int]:
-  if cfg.dataset == "digits":
-    return (8, 8, 1)
   if cfg.dataset in IMAGENET_LIKE:
     return (cfg.image_size, cfg.image_size, 3)
-  return (32, 32, 3)
+  return input_pipeline.SHAPES[cfg.dataset]
 
 
 def _num_classes(dataset: str) -> int:
-  return {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}[dataset]
+  return input_pipeline.NUM_CLASSES[dataset]
 
 
 def describe_network(cfg, genotype) -> dict[str, Any]:
@@ -202,9 +200,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   run_ = loop.Run(cfg, workdir, RESUMABLE_FIELDS)
 
   splits, info = input_pipeline.load(cfg.dataset, cfg.data_dir, cfg.download)
+  train_source, eval_source = splits["train"], splits["test"]
+  if cfg.holdout:
+    kept, held = input_pipeline.search_split(len(train_source), 1.0 - cfg.holdout, cfg.seed)
+    train_source, eval_source = (input_pipeline.Subset(splits["train"], kept),
+                                 input_pipeline.Subset(splits["train"], held))
+  evaluated_on = f"holdout ({len(eval_source)} training images)" if cfg.holdout else "test"
   resize = cfg.image_size if cfg.dataset in IMAGENET_LIKE else 0
   augment = input_pipeline.Augment(cfg.crop_padding, cfg.flip, cfg.cutout, resize=resize)
-  batches = input_pipeline.Batches(splits["train"], info, cfg.batch_size, cfg.seed, augment,
+  batches = input_pipeline.Batches(train_source, info, cfg.batch_size, cfg.seed, augment,
                                    **run_.local)
   steps_per_epoch = batches.steps_per_epoch
   schedule = loop.Schedule(total_steps=loop.total_steps(cfg, steps_per_epoch),
@@ -229,7 +233,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   def evaluate(s_state):
     params = s_state.ema_params if s_state.ema_params is not None else s_state.params
-    test = input_pipeline.eval_batches(splits["test"], info, cfg.batch_size, resize,
+    test = input_pipeline.eval_batches(eval_source, info, cfg.batch_size, resize,
                                        **run_.local)
     totals = parallel.sum_over_batches(
         functools.partial(eval_fn, params, s_state.batch_stats), test, run_.mesh)
@@ -248,7 +252,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     best = _best(best, last_eval)
     run_.writer.write({"kind": "epoch", "step": done, "epoch": epoch, **last_eval,
                        "best_top1": best["top1"], "best_top5": best["top5"]})
-    logging.info("epoch %d: test top-1 %.4f (best %.4f), top-5 %.4f", epoch,
+    logging.info("epoch %d: %s top-1 %.4f (best %.4f), top-5 %.4f", epoch, evaluated_on,
                  last_eval["test_top1"], best["top1"], last_eval["test_top5"])
 
   describe = lambda m: (f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.3f} | "
@@ -260,7 +264,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if not last_eval:
     last_eval = evaluate(state)
     best = _best(best, last_eval)
-  results = {"genotype": genotype_label(cfg), "steps": int(state.step),
+  results = {"genotype": genotype_label(cfg), "evaluated_on": evaluated_on,
+             "steps": int(state.step),
              "final_top1": last_eval["test_top1"], "best_top1": best["top1"],
              "params": n_params, "params_millions": n_params / 1e6,
              "macs": networks.count_macs(model, {"params": state.params,

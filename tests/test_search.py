@@ -101,25 +101,22 @@ def test_weight_step_reuses_the_training_gradient_exactly():
   assert int(new.step) == 1 and int(new.bad_step) == -1
 
 
-def test_non_finite_step_changes_nothing_and_is_recorded():
-  cfg = tiny_config()
-  sc, state, train, val = _state_and_batches(cfg)
-  bad = {**train, "image": train["image"].at[0, 0, 0, 0].set(jnp.nan)}
-  new, _ = _run_step(sc, state, bad, val, jax.devices()[:1])
-  assert int(new.bad_step) == 0 and int(new.step) == 1
-  for a, b in zip(jax.tree.leaves(new.alpha), jax.tree.leaves(state.alpha)):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_search_step_traces_once():
+def test_search_step_traces_once_and_a_non_finite_step_changes_nothing():
   chex.clear_trace_counter()
   cfg = tiny_config()
   sc, state, train, val = _state_and_batches(cfg)
   traced = chex.assert_max_traces(n=1)(search.search_step)
   step = jax.jit(functools.partial(traced, sc))
-  for _ in range(3):
+  for _ in range(2):
     state, _ = step(state, train, val)
-  assert int(state.step) == 3
+  assert int(state.step) == 2 and int(state.bad_step) == -1
+  # A NaN in the batch: the step counts, records itself as bad and changes nothing else.
+  bad = {**train, "image": train["image"].at[0, 0, 0, 0].set(jnp.nan)}
+  new, _ = step(state, bad, val)
+  assert int(new.bad_step) == 2 and int(new.step) == 3
+  for a, b in zip(jax.tree.leaves((new.alpha, new.params, new.batch_stats)),
+                  jax.tree.leaves((state.alpha, state.params, state.batch_stats))):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_a_workdir_written_under_the_old_field_names_still_resumes(tmp_path):
@@ -155,6 +152,36 @@ def test_collapse_count_takes_the_strongest_operation_other_than_none():
   assert stats["normal_edges"] == 3 * s2.num_edges == stats["skip_dominated_edges"]
 
 
+def test_collapse_count_on_skip_dominated_cells_ties_and_the_upper_third():
+  space = spaces.get_space("rdarts_s3")  # none, skip_connect, sep_conv_3x3
+  logits = np.zeros((space.num_edges, 3))
+  logits[:5] = [0.0, 2.0, 0.0]  # skip-dominated
+  logits[5:9] = [0.0, 1.0, 1.0]  # a tie: the first kept operation wins, as in the genotype
+  logits[9:] = [5.0, 0.0, 1.0]  # none strongest, sep_conv next
+  stats = search.collapse_stats(space, {"normal": jnp.asarray(logits),
+                                        "reduce": jnp.zeros_like(logits)})
+  assert stats["skip_dominated_edges"] == 9
+  gene = space.genotype({"normal": logits, "reduce": np.zeros_like(logits)}).normal
+  assert {op for op, _ in gene} <= {"skip_connect", "sep_conv_3x3"}
+  w = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  assert stats["skip_weight"] == pytest.approx(w[:, 1].mean(), rel=1e-6)
+  assert stats["none_weight"] == pytest.approx(w[:, 0].mean(), rel=1e-6)
+  assert stats["strongest_weight"] == pytest.approx(w[:, 1:].max(), rel=1e-6)
+  # s2 at 20 cells: reduction cells 6 and 13; the upper third is the 6 normal cells 14-19.
+  s2 = spaces.get_space("s2")
+  cells = np.zeros((20, s2.num_edges, 2))
+  cells[:, :, 1] = 1.0  # sep_conv_3x3 everywhere ...
+  cells[14:, :, 0] = 3.0  # ... except skip_connect in the upper third
+  cells[6, :, 0] = 3.0  # and a reduction cell, which is not counted
+  stats = search.collapse_stats(s2, {"cells": jnp.asarray(cells)})
+  assert stats["normal_edges"] == 18 * 8 and stats["skip_dominated_edges"] == 6 * 8
+  assert stats["upper_normal_edges"] == 6 * 8 == stats["upper_skip_dominated_edges"]
+  assert "none_weight" not in stats
+  # One cell is a reduction cell: no normal edge to count or to average.
+  assert search.collapse_stats(s2, {"cells": jnp.zeros((1, 8, 2))}) == {
+      "skip_dominated_edges": 0.0, "normal_edges": 0.0}
+
+
 def test_batch_that_does_not_split_across_devices_is_a_clear_error():
   with pytest.raises(ConfigError, match="batch size 12 does not split evenly across 8 devices"):
     parallel.check_batch_split(12, parallel.make_mesh())
@@ -181,7 +208,8 @@ def _outputs_ok(workdir, cfg, total_steps):
 
 
 def test_end_to_end_search_on_8_devices(tmp_path):
-  cfg = tiny_config(max_steps=6, batch_size=16)
+  # The 28x28 embedded MNIST digits (the default search, on the 8x8 digits, runs in test_runs).
+  cfg = tiny_config(max_steps=6, batch_size=16, dataset="mnist5k")
   summary = search.run(cfg, str(tmp_path))
   assert summary["steps"] == 6
   _outputs_ok(str(tmp_path), cfg, 6)
@@ -202,12 +230,14 @@ def test_end_to_end_search_on_mock_cifar10(tmp_path):
 
 
 def test_non_finite_run_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-  cfg = tiny_config(max_steps=6, checkpoint_every=2, log_every=1)
+  run_config = functools.partial(tiny_config, method="first_order", checkpoint_every=2,
+                                 log_every=1)
+  cfg = run_config(max_steps=6)
   search.run(cfg, str(tmp_path))  # six good steps, checkpoints at 2, 4, 6
-  cfg = tiny_config(max_steps=10, checkpoint_every=2, log_every=1)
+  cfg = run_config(max_steps=10)
   # Resuming the same run with a learning rate that overflows the weights is refused
   # (config differs) ...
-  poisoned = tiny_config(max_steps=10, checkpoint_every=2, log_every=1, lr=3e38)
+  poisoned = run_config(max_steps=10, lr=3e38)
   with pytest.raises(ConfigError, match="different config"):
     search.run(poisoned, str(tmp_path))
   # ... and a fresh run with it stops at its second step with no checkpoint written.
@@ -250,20 +280,20 @@ def _env(cache_dir):
 
 
 def test_partial_checkpoint_is_ignored_on_resume(tmp_path):
-  cfg = tiny_config(max_steps=4, checkpoint_every=2)
+  cfg = tiny_config(method="first_order", max_steps=4, checkpoint_every=2)
   search.run(cfg, str(tmp_path))
   # A write that died half-way leaves only a temporary directory behind.
   partial = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234"
   partial.mkdir()
   (partial / "junk").write_text("half a checkpoint")
-  cfg = tiny_config(max_steps=6, checkpoint_every=2)
+  cfg = tiny_config(method="first_order", max_steps=6, checkpoint_every=2)
   summary = search.run(cfg, str(tmp_path))
   assert summary["steps"] == 6
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())[-1] == 6
 
 
 @pytest.mark.parametrize("flags, message, extra_env", [
-    (("--config.space=nas101",), "error: unknown search space 'nas101'; known spaces: darts, s1, s2",
+    (("--config.space=nas101",), "error: unknown search space 'nas101'; known spaces: darts, rdarts_s2, rdarts_s3, s1, s2",
      {}),
     (("--config.dataset=mnist3d",), "error: config.dataset='mnist3d' is not one of", {}),
     (("--config.batch_size=15",), "error: batch size 15 does not split evenly across 2 devices",

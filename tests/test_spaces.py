@@ -18,6 +18,10 @@ def test_architecture_counts_match_direct_count():
   assert spaces.get_space("s1").num_architectures() == 7 ** 16 == 33_232_930_569_601
   assert spaces.get_space("s2").num_architectures() == 2 ** 160
   assert spaces.get_space("s2_all").num_architectures() == 7 ** 160
+  # RobustDARTS' S2 and S3: the darts cell with two kept operations (S3's none is never kept).
+  two_ops = (1 * 3 * 6 * 10 * 2 ** 8) ** 2
+  assert spaces.get_space("rdarts_s2").num_architectures() == two_ops == 46_080 ** 2
+  assert spaces.get_space("rdarts_s3").num_architectures() == two_ops
 
 
 def test_space_structure():
@@ -32,7 +36,7 @@ def test_space_structure():
 
 
 def test_unknown_space_lists_known_ones():
-  with pytest.raises(spaces.SpaceError, match="unknown search space 'nas101'.*darts, s1, s2"):
+  with pytest.raises(spaces.SpaceError, match="unknown search space 'nas101'.*darts, rdarts_s2, rdarts_s3, s1, s2"):
     spaces.get_space("nas101")
 
 
@@ -168,3 +172,44 @@ def test_reduction_cells_at_thirds():
   assert spaces.reduction_cells(8) == (2, 5)
   assert spaces.reduction_cells(20) == (6, 13)
   assert spaces.reduction_cells(3) == (1, 2)
+
+
+@pytest.mark.parametrize("name", sorted(spaces.SPACES))
+def test_sampled_architectures_are_valid_in_every_space(name):
+  space = spaces.get_space(name)
+  rng = np.random.default_rng(0)
+  kept = {op for op in space.ops if op != "none"}
+  for _ in range(20):
+    genotype = space.sample_genotype(rng, layers=5)
+    genes = genotype.cells if space.per_cell else (genotype.normal, genotype.reduce)
+    assert len(genes) == (5 if space.per_cell else 2)
+    for gene in genes:
+      assert len(gene) == 2 * space.steps
+      for node in range(space.steps):
+        pairs = gene[2 * node:2 * node + 2]
+        assert all(op in kept for op, _ in pairs)
+        sources = [src for _, src in pairs]
+        if space.discretize == "top2":  # two different earlier states
+          assert len(set(sources)) == 2 and all(0 <= s < node + 2 for s in sources)
+        else:  # the fixed edges, in order
+          assert [(src, node) for src in sources] == [e for e in space.edges if e[1] == node]
+    spaces.Genotype.from_dict(genotype.to_dict())  # and it survives its own JSON form
+
+
+def test_sampler_draws_every_architecture_equally_often():
+  # A two-node darts-like cell with two kept operations: 1*4 * 3*4 = 48 cells.
+  space = spaces.SearchSpace("small", ("none", "skip_connect", "sep_conv_3x3"),
+                             tuple((s, n) for n in range(2) for s in range(n + 2)),
+                             per_cell=False, discretize="top2", default_layers=2, steps=2)
+  assert math.isqrt(space.num_architectures()) == 48
+  rng = np.random.default_rng(0)
+  counts = {}
+  n = 2400
+  for _ in range(n):
+    gene = space.sample_genotype(rng).normal
+    key = tuple(tuple(sorted(gene[2 * i:2 * i + 2])) for i in range(2))  # pair order is rank
+    counts[key] = counts.get(key, 0) + 1
+  assert len(counts) == 48
+  expected = n / 48
+  chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+  assert chi2 < 90  # 47 degrees of freedom: p < 1e-4 above 90

@@ -1,5 +1,6 @@
 """Operations, the supernet and its alpha gradients."""
 
+import dataclasses
 import functools
 
 import jax
@@ -14,16 +15,22 @@ from amended_darts_jax import hypergrad as hg
 
 
 @pytest.mark.usefixtures("x64")
-def test_supernet_through_the_cpu_kernel_equals_grouped_conv_to_second_order():
-  """darts space, one (reduction) cell, float64: the alpha and weight gradients and the amended
-  term g2' = -eta M H v (forward-over-reverse through edge groups' vmaps) are the
-  same with the C++ kernel as with XLA's grouped convolution."""
+def test_supernet_through_the_cpu_kernel_equals_grouped_conv_to_second_order(monkeypatch):
+  """The darts cell (one reduction cell, all 14 edges in edge groups) with the operations
+  the kernels compute (max pooling, a separable and a dilated depthwise convolution),
+  float64: the alpha and weight gradients and the amended term g2' = -eta M H v
+  (forward-over-reverse through edge groups' vmaps) are the same with the C++ kernel
+  as with XLA's grouped convolution. (tests/test_cpu_kernels.py covers every kernel
+  size, stride and dilation one operation at a time.)"""
   assert kernels.available(), kernels.why_unavailable()
+  monkeypatch.setitem(spaces.SPACES, "kernel_ops", dataclasses.replace(
+      spaces.get_space("darts"), name="kernel_ops",
+      ops=("max_pool_3x3", "sep_conv_3x3", "dil_conv_5x5")))
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1), jnp.float64)
   batch = {"image": x, "label": jnp.array([0, 1, 2, 1])}
 
   def products(impl):
-    model = supernet.Supernet("darts", C=2, layers=1, num_classes=3, conv_pool_impl=impl)
+    model = supernet.Supernet("kernel_ops", C=2, layers=1, num_classes=3, conv_pool_impl=impl)
     alpha = jax.tree.map(lambda a: a.astype(jnp.float64),
                          model.init_alpha(jax.random.PRNGKey(1)))
     variables = initializers.init_variables(model, 2, x, alpha, train=False)
