@@ -139,8 +139,10 @@ def table(results_dir: str) -> str:
           f"{r['final_train_acc']:.3f} | {r['wall_s']:.0f} | "
           f"{'yes' if collapsed(last) else 'no'} |")
     k = sum(collapsed(r["epochs"][-1]) for r in rs)
-    verdicts.append(f"- `{name}`: {k} of {len(rs)} seeds collapsed"
-                    + (" (collapses)" if len(rs) >= 3 and k >= 2 else ""))
+    verdict = ""
+    if len(rs) >= 3:
+      verdict = " (the setting collapses)" if k >= 2 else " (the setting does not collapse)"
+    verdicts.append(f"- `{name}`: {k} of {len(rs)} seeds collapsed{verdict}")
   return "\n".join(lines + [""] + verdicts)
 
 
