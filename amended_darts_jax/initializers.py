@@ -79,4 +79,6 @@ def init_variables(module: nn.Module, seed: int, *args, **kwargs) -> dict[str, A
       out[name] = jnp.asarray(value, dtype)
     return out
 
-  return {collection: fill(collection, tree) for collection, tree in shapes.items()}
+  # Variables only: what a module sows (the supernet's auxiliary logits) is output.
+  return {collection: fill(collection, tree) for collection, tree in shapes.items()
+          if collection in ("params", "batch_stats")}

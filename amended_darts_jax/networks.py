@@ -218,5 +218,6 @@ def count_macs(model: nn.Module, variables: Any, input_shape: tuple[int, ...]) -
   """
   model = model.clone(conv_pool_impl="conv")
   x = jnp.zeros((1, *input_shape), jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, 0.0, train=False)[0])(variables)
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, 0.0, train=False,
+                                               rngs={"dropout": jax.random.PRNGKey(0)})[0])(variables)
   return _macs(jaxpr.jaxpr)

@@ -168,7 +168,9 @@ class Op(nn.Module):
 
   `pool_bn` appends a non-affine BN to the pools, as DARTS' MixedOp does in search.
   `in_edge_group`: it runs in an edge group, under `nn.vmap` over edges that share its input.
-  `none` returns zeros of the output shape.
+  `none` returns zeros of the output shape; `noise` (RobustDARTS' S4) standard
+  normal noise of that shape, drawn from the "dropout" rng in training and in
+  evaluation alike, as RobustDARTS' operation does.
   """
   op_name: str
   features: int
@@ -186,6 +188,8 @@ class Op(nn.Module):
     dw = dict(conv_pool_impl=self.conv_pool_impl, in_edge_group=self.in_edge_group)
     if op == "none":
       return jnp.zeros_like(x[:, ::s, ::s])
+    if op == "noise":
+      return jax.random.normal(self.make_rng("dropout"), x[:, ::s, ::s].shape, x.dtype)
     if op in ("max_pool_3x3", "avg_pool_3x3"):
       y = max_pool_3x3(x, s, self.conv_pool_impl) if op == "max_pool_3x3" else avg_pool_3x3(x, s)
       return batch_norm(train, affine=False)(y) if self.pool_bn else y

@@ -68,6 +68,10 @@ class StepConfig:
   cg_maxiter: int
   cg_tol: float
   momentum: float
+  auxiliary_weight: float
+  drop_path_prob: float
+  epochs: int
+  steps_per_epoch: int
   w_tx: Any
   a_tx: Any
   lr_fn: Callable[[jax.Array], jax.Array]
@@ -80,7 +84,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
               "lr", "arch_lr", "grad_clip", "fd_r", "cg_maxiter", "cg_tol", "monitor_cg_iters",
               "monitor_power_iters")
   non_negative = ("eta", "max_steps", "lr_min", "weight_decay", "arch_weight_decay", "damping",
-                  "eval_every_epochs", "monitor_every", "crop_padding", "cutout", "seed")
+                  "eval_every_epochs", "monitor_every", "crop_padding", "cutout", "seed",
+                  "auxiliary_weight")
   validation.check(cfg, {
       "method": validation.one_of(hypergrad.METHODS),
       "products": validation.one_of(hypergrad.PRODUCTS),
@@ -89,7 +94,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
       "dataset": validation.one_of(input_pipeline.DATASETS),
       **dict.fromkeys(positive, validation.POSITIVE),
       **dict.fromkeys(non_negative, validation.NON_NEGATIVE),
-      **dict.fromkeys(("momentum", "arch_beta1", "arch_beta2"), validation.FRACTION),
+      **dict.fromkeys(("momentum", "arch_beta1", "arch_beta2", "drop_path_prob", "dropout"),
+                      validation.FRACTION),
       "train_portion": validation.OPEN_UNIT})
   if cfg.init_channels % 2:
     raise ConfigError(f"init_channels must be even (factorized reduce halves it), "
@@ -101,7 +107,8 @@ def make_model(cfg, num_classes: int) -> supernet.Supernet:
   return supernet.Supernet(cfg.space, C=cfg.init_channels, layers=cfg.layers,
                            num_classes=num_classes, act=cfg.activation,
                            conv_pool_impl=cfg.conv_pool_impl, remat=cfg.remat,
-                           edge_groups=cfg.edge_groups)
+                           edge_groups=cfg.edge_groups, drop_path=cfg.drop_path_prob > 0,
+                           dropout=cfg.dropout, auxiliary=cfg.auxiliary)
 
 
 def make_optimizers(cfg, steps_per_epoch: int):
@@ -122,14 +129,18 @@ def step_config(cfg, model: supernet.Supernet, steps_per_epoch: int) -> StepConf
                     fd_r=cfg.fd_r,
                     hessian_weight_decay=cfg.weight_decay if cfg.hessian_weight_decay else 0.0,
                     damping=cfg.damping, cg_maxiter=cfg.cg_maxiter, cg_tol=cfg.cg_tol,
-                    momentum=cfg.momentum, w_tx=w_tx, a_tx=a_tx, lr_fn=lr_fn)
+                    momentum=cfg.momentum,
+                    auxiliary_weight=cfg.auxiliary_weight if cfg.auxiliary else 0.0,
+                    drop_path_prob=cfg.drop_path_prob, epochs=cfg.epochs,
+                    steps_per_epoch=steps_per_epoch, w_tx=w_tx, a_tx=a_tx, lr_fn=lr_fn)
 
 
 def initial_state(cfg, sc: StepConfig, image_shape) -> SearchState:
   """Step 0 of a search: omega drawn on the host (initializers.init_variables), alpha from the space."""
   alpha = spaces.get_space(cfg.space).init_alpha(jax.random.PRNGKey(cfg.seed), cfg.layers)
   sample = jnp.zeros((2, *image_shape), jnp.float32)
-  variables = initializers.init_variables(sc.model, cfg.seed, sample, alpha, train=False)
+  # In train mode, so that the auxiliary head's parameters exist where it is on.
+  variables = initializers.init_variables(sc.model, cfg.seed, sample, alpha, train=True)
   return SearchState(
       step=jnp.array(0, jnp.int32), params=variables["params"],
       batch_stats=variables["batch_stats"], alpha=alpha,
@@ -137,25 +148,61 @@ def initial_state(cfg, sc: StepConfig, image_shape) -> SearchState:
       rng=jax.random.PRNGKey(cfg.seed + 2), bad_step=jnp.array(-1, jnp.int32))
 
 
-def supernet_loss(model: supernet.Supernet, params, alpha, batch):
-  """Loss in train mode (batch statistics); aux = (logits, updated batch_stats)."""
+def supernet_loss(model: supernet.Supernet, params, alpha, batch, auxiliary_weight=0.0):
+  """Loss in train mode (batch statistics); aux = (logits, updated batch_stats).
+
+  Where the supernet has drop-path, dropout or the auxiliary head, `batch` also
+  carries the "dropout" key `rng` and the `drop_path_rate`, so that every
+  evaluation inside one product sees the same masks (docs/math.md §4), and the
+  loss adds `auxiliary_weight` times the auxiliary head's cross-entropy.
+  """
+  rngs = {"dropout": batch["rng"]} if "rng" in batch else {}
+  mutable = ["batch_stats", "aux"] if model.auxiliary else ["batch_stats"]
   logits, updates = model.apply({"params": params, "batch_stats": batch["batch_stats"]},
-                                batch["image"], alpha, train=True, mutable=["batch_stats"])
-  return training.cross_entropy(logits, batch["label"]), (logits, updates["batch_stats"])
+                                batch["image"], alpha, train=True,
+                                drop_path_rate=batch.get("drop_path_rate", 0.0),
+                                mutable=mutable, rngs=rngs)
+  loss = training.cross_entropy(logits, batch["label"])
+  if model.auxiliary and auxiliary_weight:
+    (aux_logits,) = updates["aux"]["logits"]
+    loss = loss + auxiliary_weight * training.cross_entropy(aux_logits, batch["label"])
+  return loss, (logits, updates["batch_stats"])
 
 
-def weight_step(sc: StepConfig, state: SearchState, train_batch, reused=None):
+def uses_rng(model: supernet.Supernet) -> bool:
+  """Whether the supernet draws random numbers: drop-path, dropout or a `noise` operation."""
+  return model.drop_path or bool(model.dropout) or model.space.has_noise
+
+
+def search_batches(sc: StepConfig, state: SearchState, train_batch, val_batch):
+  """The step's training and validation batches with the running statistics and,
+  where the supernet draws masks, a key per batch (folded from the state's key and
+  the step) and DARTS' drop-path ramp, p * epoch / epochs."""
+  train = {**train_batch, "batch_stats": state.batch_stats}
+  val = {**val_batch, "batch_stats": state.batch_stats}
+  if uses_rng(sc.model):
+    k_train, k_val = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    rate = sc.drop_path_prob * (state.step // sc.steps_per_epoch) / sc.epochs
+    train.update(rng=k_train, drop_path_rate=rate)
+    val.update(rng=k_val, drop_path_rate=rate)
+  return train, val
+
+
+def loss_of(sc: StepConfig):
+  return functools.partial(supernet_loss, sc.model, auxiliary_weight=sc.auxiliary_weight)
+
+
+def weight_step(sc: StepConfig, state: SearchState, train, reused=None):
   """The weight step: SGD on Lt's gradient at (omega, alpha) of the state.
 
-  `reused` is (gradient, loss, (logits, batch_stats)) where the architecture
-  step evaluated Lt there already. Returns (params, batch_stats, w_opt_state,
-  gradient, loss, logits).
+  `train` is the training batch as `search_batches` gives it; `reused` is
+  (gradient, loss, (logits, batch_stats)) where the architecture step evaluated
+  Lt there already. Returns (params, batch_stats, w_opt_state, gradient, loss,
+  logits).
   """
   if reused is None:
-    train = {**train_batch, "batch_stats": state.batch_stats}
     (loss, (logits, batch_stats)), grad = jax.value_and_grad(
-        functools.partial(supernet_loss, sc.model), has_aux=True)(state.params, state.alpha,
-                                                                 train)
+        loss_of(sc), has_aux=True)(state.params, state.alpha, train)
   else:
     grad, loss, (logits, batch_stats) = reused
   updates, w_opt_state = sc.w_tx.update(grad, state.w_opt_state, state.params)
@@ -164,9 +211,8 @@ def weight_step(sc: StepConfig, state: SearchState, train_batch, reused=None):
 
 def search_step(sc: StepConfig, state: SearchState, train_batch, val_batch):
   """One architecture step and one weight step; returns (new_state, metrics)."""
-  loss_fn = functools.partial(supernet_loss, sc.model)
-  train = {**train_batch, "batch_stats": state.batch_stats}
-  val = {**val_batch, "batch_stats": state.batch_stats}
+  loss_fn = loss_of(sc)
+  train, val = search_batches(sc, state, train_batch, val_batch)
   lr = sc.lr_fn(state.step)
   momentum_term = None
   if sc.method == "darts":  # DARTS folds the momentum buffer into its unrolled step
@@ -184,7 +230,7 @@ def search_step(sc: StepConfig, state: SearchState, train_batch, val_batch):
   if aux["train_grad"] is not None:  # the arch step evaluated Lt at (w, alpha)
     reused = aux["train_grad"], aux["train_loss"], aux["train_aux"]
   params, batch_stats, w_opt_state, w_grad, train_loss, train_logits = weight_step(
-      sc, state, train_batch, reused)
+      sc, state, train, reused)
 
   val_logits = aux["val_aux"][0]
   metrics = {
@@ -207,8 +253,11 @@ def search_step(sc: StepConfig, state: SearchState, train_batch, val_batch):
 
 def eval_step(model: supernet.Supernet, state: SearchState, batch):
   """Summed loss and correct count over the unmasked rows, in eval mode (running stats)."""
+  # A `noise` operation draws in evaluation too: one key per evaluation, from the step.
+  rngs = ({"dropout": jax.random.fold_in(jax.random.split(state.rng)[1], state.step)}
+          if uses_rng(model) else {})
   logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                       batch["image"], state.alpha, train=False)
+                       batch["image"], state.alpha, train=False, rngs=rngs)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
   return {"loss_sum": jnp.sum(losses * batch["mask"]), "correct": jnp.sum(correct * batch["mask"]),
@@ -223,9 +272,8 @@ def monitor_step(sc: StepConfig, power_iters: int, cg_iters: int, state: SearchS
   gradient, and the dominant eigenvalue of d2 Lv / dalpha2 (RobustDARTS'
   collapse signal) by power iteration on alpha-Hessian-vector products.
   """
-  loss_fn = functools.partial(supernet_loss, sc.model)
-  train = {**train_batch, "batch_stats": state.batch_stats}
-  val = {**val_batch, "batch_stats": state.batch_stats}
+  loss_fn = loss_of(sc)
+  train, val = search_batches(sc, state, train_batch, val_batch)
   wd, lr = sc.hessian_weight_decay, sc.lr_fn(state.step)
   plain = lambda w, a, b: loss_fn(w, a, b)[0]
   terms = hypergrad.second_terms(plain, plain, state.params, state.alpha, train, val,
@@ -258,39 +306,48 @@ def collapse_stats(space: spaces.SearchSpace, alpha) -> dict[str, float]:
   """How far the normal cells have gone towards skip connections (docs/math.md §11).
 
   `skip_dominated_edges`: the normal edges whose strongest operation other than `none`
-  is `skip_connect`, out of `normal_edges`; `skip_weight`, `none_weight`: the mean
-  softmax weights of those operations; `strongest_weight`: the largest weight of a kept
+  is `skip_connect`, out of `normal_edges`; `skip_weight`, `none_weight`, `noise_weight`:
+  the mean softmax weights of those operations over the normal edges that have them
+  (left out where none has); `strongest_weight`: the largest weight of a kept
   operation on any normal edge (near 1/|ops| the counts are coin flips). Per-cell spaces
   add `upper_skip_dominated_edges` out of `upper_normal_edges`: the normal cells after
   the second reduction cell, where the paper sees DARTS fill a deep supernet with skips.
   """
   weights = np.asarray(jax.nn.softmax(jnp.asarray(alpha["cells"] if space.per_cell
                                                   else alpha["normal"], jnp.float32), -1))
-  ops_ = list(space.ops)
-  kept = [k for k, op in enumerate(ops_) if op != "none"]  # DARTS never keeps none
-  skip = ops_.index("skip_connect")
-
-  def dominated(w_EO):
-    return int(np.sum(np.asarray(kept)[np.argmax(w_EO[:, kept], -1)] == skip))
-
-  upper = []
+  upper = weights[:0]
   if space.per_cell:
     reductions = spaces.reduction_cells(weights.shape[0])
     normal = [i for i in range(weights.shape[0]) if i not in reductions]
-    upper = weights[[i for i in normal if i > max(reductions)]].reshape(-1, space.num_ops)
+    upper = weights[[i for i in normal if i > max(reductions)]]
     weights = weights[normal]
-  weights = weights.reshape(-1, space.num_ops)
+  else:
+    weights = weights[None]
+  # Per edge (normal cells): its operations, those DARTS may keep (never none).
+  ops_ = [space.ops_of(e, False) for e in range(space.num_edges)]
+  kept = [[k for k, op in enumerate(o) if op != "none"] for o in ops_]
+
+  def dominated(w_NEO):
+    return sum(int(ops_[e][kept[e][int(np.argmax(w_NEO[n, e, kept[e]]))]] == "skip_connect")
+               for n in range(w_NEO.shape[0]) for e in range(space.num_edges))
+
+  def mean_weight(op):  # over the normal edges that have the operation
+    values = [weights[:, e, o.index(op)] for e, o in enumerate(ops_) if op in o]
+    return float(np.mean(np.concatenate(values))) if values else None
+
   stats = {"skip_dominated_edges": float(dominated(weights)),
-           "normal_edges": float(weights.shape[0])}
-  if not len(weights):  # a supernet too shallow to have a normal cell
+           "normal_edges": float(weights.shape[0] * space.num_edges)}
+  if not weights.shape[0]:  # a supernet too shallow to have a normal cell
     return stats
-  stats.update(skip_weight=float(weights[:, skip].mean()),
-               strongest_weight=float(weights[:, kept].max()))
-  if "none" in ops_:
-    stats["none_weight"] = float(weights[:, ops_.index("none")].mean())
-  if len(upper):
+  stats["strongest_weight"] = float(max(weights[:, e, kept[e]].max()
+                                        for e in range(space.num_edges)))
+  for op in ("skip_connect", "none", "noise"):
+    value = mean_weight(op)
+    if value is not None:
+      stats[f"{op.split('_')[0]}_weight"] = value
+  if upper.shape[0]:
     stats["upper_skip_dominated_edges"] = float(dominated(upper))
-    stats["upper_normal_edges"] = float(upper.shape[0])
+    stats["upper_normal_edges"] = float(upper.shape[0] * space.num_edges)
   return stats
 
 

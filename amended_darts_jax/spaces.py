@@ -11,13 +11,14 @@ pairs, in DARTS' format, so the same discrete network serves every space.
     s2_all: s2's layout with s1's seven ops (the search the paper could not fit in memory)
     rdarts_s2: darts' cell and discretization with {skip_connect, sep_conv_3x3} (RobustDARTS' S2)
     rdarts_s3: darts' cell and discretization with {none, skip_connect, sep_conv_3x3} (their S3)
+    rdarts_s1: darts' cell with two preselected operations per edge and cell type (their S1)
+    rdarts_s4: darts' cell with {noise, sep_conv_3x3} (their S4; `noise` outputs N(0, 1))
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Mapping
 
@@ -30,6 +31,8 @@ from amended_darts_jax.errors import ConfigError, UserError
 
 PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3",
               "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+# RobustDARTS' S4 adds `noise`: standard normal noise of the output's shape, whatever the input.
+OPERATIONS = PRIMITIVES + ("noise",)
 STEPS = 4
 CONCAT = (2, 3, 4, 5)
 
@@ -136,9 +139,9 @@ def _parse_gene(gene: Any, where: str) -> Gene:
         or isinstance(pair[1], bool) or not isinstance(pair[1], int)):
       raise GenotypeError(f"{where}[{k}]: expected [op_name, input_index], got {pair!r}")
     op, src = pair
-    if op not in PRIMITIVES or op == "none":
+    if op not in OPERATIONS or op == "none":
       raise GenotypeError(f"{where}[{k}]: unknown operation {op!r}; known: "
-                          f"{', '.join(PRIMITIVES[1:])}")
+                          f"{', '.join(OPERATIONS[1:])}")
     if not 0 <= src < node + 2:
       raise GenotypeError(f"{where}[{k}]: node {node} can take inputs 0..{node + 1}, got {src}")
     pairs.append((op, src))
@@ -209,6 +212,10 @@ class SearchSpace:
   discretize: str  # "top2": best two incoming edges per node; "argmax": per edge
   default_layers: int
   steps: int = STEPS
+  # Per-edge operations (RobustDARTS' S1): (normal, reduce), each one tuple of op names
+  # per edge, all of one length. Empty: every edge has `ops`, which then lists the
+  # operations; with edge_ops, `ops` is only the set they draw from.
+  edge_ops: tuple[tuple[tuple[str, ...], ...], ...] = ()
 
   @property
   def num_edges(self) -> int:
@@ -216,7 +223,16 @@ class SearchSpace:
 
   @property
   def num_ops(self) -> int:
-    return len(self.ops)
+    """Operations per edge: the last axis of every alpha."""
+    return len(self.edge_ops[0][0]) if self.edge_ops else len(self.ops)
+
+  def ops_of(self, edge: int, reduction: bool) -> tuple[str, ...]:
+    """The operations that edge `edge` of a normal or a reduction cell mixes."""
+    return self.edge_ops[int(reduction)][edge] if self.edge_ops else self.ops
+
+  @property
+  def has_noise(self) -> bool:
+    return "noise" in self.ops
 
   def alpha_shapes(self, layers: int | None = None) -> dict[str, tuple[int, ...]]:
     layers = layers or self.default_layers
@@ -246,23 +262,28 @@ class SearchSpace:
 
   def num_architectures(self, layers: int | None = None) -> int:
     """The exact number of discrete architectures (docs/math.md §12)."""
-    if self.discretize == "top2":
-      choices = len([o for o in self.ops if o != "none"])
-      per_cell = 1
-      for node in range(self.steps):
-        per_cell *= math.comb(node + 2, 2) * choices ** 2
-    else:
-      per_cell = self.num_ops ** self.num_edges
     cells = (layers or self.default_layers) if self.per_cell else 2
-    return per_cell ** cells
+    if self.discretize != "top2":
+      return (self.num_ops ** self.num_edges) ** cells
+    total = 1
+    for reduction in ((False,) if self.per_cell else (False, True)):
+      choices = [len([o for o in self.ops_of(e, reduction) if o != "none"])
+                 for e in range(self.num_edges)]
+      per_cell = 1
+      for node in range(self.steps):  # each pair of incoming edges, times their choices
+        incoming = [choices[e] for e, (_, dst) in enumerate(self.edges) if dst == node]
+        per_cell *= sum(a * b for i, a in enumerate(incoming) for b in incoming[i + 1:])
+      total *= per_cell ** (cells if self.per_cell else 1)
+    return total
 
   def genotype(self, alpha: Mapping[str, Any]) -> Genotype:
     """Discretizes alphas (logits) into a genotype, on softmaxed weights as DARTS does."""
     weights = {k: np.asarray(jax.nn.softmax(jnp.asarray(v, jnp.float32), axis=-1))
                for k, v in alpha.items()}
     if self.per_cell:
-      return Genotype(cells=tuple(self._gene(w) for w in weights["cells"]))
-    return Genotype(normal=self._gene(weights["normal"]), reduce=self._gene(weights["reduce"]))
+      return Genotype(cells=tuple(self._gene(w, False) for w in weights["cells"]))
+    return Genotype(normal=self._gene(weights["normal"], False),
+                    reduce=self._gene(weights["reduce"], True))
 
   def sample_genotype(self, rng: np.random.Generator, layers: int | None = None) -> Genotype:
     """A uniformly random architecture of the space (random search's sampler).
@@ -274,19 +295,40 @@ class SearchSpace:
     return self.genotype({name: rng.standard_normal(shape)
                           for name, shape in sorted(self.alpha_shapes(layers).items())})
 
-  def _gene(self, w_ExO: np.ndarray) -> Gene:
-    usable = [k for k, op in enumerate(self.ops) if op != "none"]
+  def _gene(self, w_ExO: np.ndarray, reduction: bool) -> Gene:
+    usable = [[k for k, op in enumerate(self.ops_of(e, reduction)) if op != "none"]
+              for e in range(self.num_edges)]
     gene = []
     for node in range(self.steps):
       incoming = [e for e, (_, dst) in enumerate(self.edges) if dst == node]
       if self.discretize == "top2":
         # DARTS: rank incoming edges by their strongest non-`none` op; keep two.
-        incoming = sorted(incoming, key=lambda e: -w_ExO[e, usable].max())[:2]
+        incoming = sorted(incoming, key=lambda e: -w_ExO[e, usable[e]].max())[:2]
       for e in incoming:
-        best = usable[int(np.argmax(w_ExO[e, usable]))]
-        gene.append((self.ops[best], self.edges[e][0]))
+        best = usable[e][int(np.argmax(w_ExO[e, usable[e]]))]
+        gene.append((self.ops_of(e, reduction)[best], self.edges[e][0]))
     return tuple(gene)
 
+
+def _pairs(*names: str) -> tuple[tuple[str, str], ...]:
+  """'a/b' strings to per-edge operation pairs."""
+  return tuple(tuple(n.split("/")) for n in names)
+
+
+# RobustDARTS' S1 (Zela et al., 2020): the two operations per edge that their
+# DARTS runs ranked highest, in DARTS' edge order (node 0: c_{k-2}, c_{k-1}; node 1:
+# those and node 0; ...), published in the repository as `primitives_1`.
+_RDARTS_S1 = (
+    _pairs("skip_connect/dil_conv_3x3", "skip_connect/dil_conv_5x5",
+           "skip_connect/dil_conv_5x5", "skip_connect/sep_conv_3x3", "skip_connect/dil_conv_3x3",
+           "max_pool_3x3/skip_connect", "skip_connect/sep_conv_3x3", "skip_connect/sep_conv_3x3",
+           "skip_connect/dil_conv_3x3", "skip_connect/sep_conv_3x3", "max_pool_3x3/skip_connect",
+           "skip_connect/dil_conv_3x3", "dil_conv_3x3/dil_conv_5x5", "dil_conv_3x3/dil_conv_5x5"),
+    _pairs("max_pool_3x3/avg_pool_3x3", "max_pool_3x3/dil_conv_3x3",
+           "max_pool_3x3/avg_pool_3x3", "max_pool_3x3/avg_pool_3x3", "skip_connect/dil_conv_5x5",
+           "max_pool_3x3/avg_pool_3x3", "max_pool_3x3/sep_conv_3x3", "skip_connect/dil_conv_3x3",
+           "skip_connect/dil_conv_5x5", "max_pool_3x3/avg_pool_3x3", "max_pool_3x3/avg_pool_3x3",
+           "skip_connect/dil_conv_5x5", "skip_connect/dil_conv_5x5", "skip_connect/dil_conv_5x5"))
 
 SPACES = {
     "darts": SearchSpace("darts", PRIMITIVES, _all_edges(STEPS), per_cell=False,
@@ -303,6 +345,13 @@ SPACES = {
     "rdarts_s3": SearchSpace("rdarts_s3", ("none", "skip_connect", "sep_conv_3x3"),
                              _all_edges(STEPS), per_cell=False, discretize="top2",
                              default_layers=8),
+    "rdarts_s1": SearchSpace("rdarts_s1",
+                             tuple(op for op in PRIMITIVES
+                                   if any(op in pair for cell in _RDARTS_S1 for pair in cell)),
+                             _all_edges(STEPS), per_cell=False, discretize="top2",
+                             default_layers=8, edge_ops=_RDARTS_S1),
+    "rdarts_s4": SearchSpace("rdarts_s4", ("noise", "sep_conv_3x3"), _all_edges(STEPS),
+                             per_cell=False, discretize="top2", default_layers=8),
 }
 
 
@@ -317,7 +366,9 @@ def get_space(name: str) -> SearchSpace:
 
 def alpha_to_lists(space: SearchSpace, alpha: Mapping[str, Any]) -> dict[str, Any]:
   """Softmaxed alphas as plain nested lists, for alphas.json."""
-  return {"space": space.name, "ops": list(space.ops),
+  per_edge = {"edge_ops": {"normal": [list(o) for o in space.edge_ops[0]],
+                           "reduce": [list(o) for o in space.edge_ops[1]]}} if space.edge_ops else {}
+  return {"space": space.name, "ops": list(space.ops), **per_edge,
           "edges": [list(e) for e in space.edges],
           **{k: np.asarray(jax.nn.softmax(jnp.asarray(v, jnp.float32), -1)).tolist()
              for k, v in alpha.items()}}

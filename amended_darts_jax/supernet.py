@@ -19,6 +19,17 @@ compiles in about half the time on CPU, BUILD_NOTES.md). Variables are stacked
 along the group's edges under `cell<i>/stacked_from<src>`, in the order of
 `space.edges`. `edge_groups=False` is the literal one-MixedOp-per-edge cell
 (`cell<i>/edge<e>`); both compute the same function.
+
+The regularizers of DARTS' retraining, each off by default, for a search that
+trains its supernet as the evaluation trains the network (the paper's
+"consistent" setting, configs/s1_consistent.py): `drop_path` (every
+non-identity operation's output on every edge, before its softmax weight, at the
+rate given as a call argument so that it can ramp without recompiling),
+`dropout` before the classifier, and `auxiliary`: DARTS' auxiliary head after
+the second reduction cell, whose logits are sown as `("aux", "logits")` in train
+mode (apply with `mutable=["batch_stats", "aux"]`). Drop-path and dropout draw
+from the "dropout" rng; the masks depend on the layout (edge groups or not), the
+function at a fixed mask does not.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amended_darts_jax import batch_norm, initializers, ops, spaces
+from amended_darts_jax import batch_norm, initializers, networks, ops, spaces
 
 
 class MixedOp(nn.Module):
@@ -43,9 +54,10 @@ class MixedOp(nn.Module):
   act: str = "relu"
   conv_pool_impl: str = "auto"
   in_edge_group: bool = False
+  drop_path: bool = False
 
   @nn.compact
-  def __call__(self, x, weights_O):
+  def __call__(self, x, weights_O, drop_path_rate=0.0):
     train = self.train
     out = None
     for k, op in enumerate(self.op_names):
@@ -54,6 +66,8 @@ class MixedOp(nn.Module):
       y = ops.Op(op, self.features, self.stride, affine=False, pool_bn=True, act=self.act,
                  conv_pool_impl=self.conv_pool_impl, in_edge_group=self.in_edge_group,
                  name=op)(x, train)
+      if self.drop_path and train and not ops.is_identity(op, self.stride):
+        y = networks.drop_path(y, drop_path_rate, self.make_rng("dropout"))
       y = weights_O[k].astype(y.dtype) * y
       out = y if out is None else out + y
     if out is None:
@@ -61,10 +75,11 @@ class MixedOp(nn.Module):
     return out
 
 
-# MixedOp over a leading edge axis: one weight set and one set of statistics per edge.
-EdgeGroup = nn.vmap(MixedOp, in_axes=(None, 0), out_axes=0,
+# MixedOp over a leading edge axis: one weight set, one set of statistics and one
+# drop-path key per edge. Called as (x, weights_EO, drop_path_rate), all three given.
+EdgeGroup = nn.vmap(MixedOp, in_axes=(None, 0, None), out_axes=0,
                     variable_axes={"params": 0, "batch_stats": 0},
-                    split_rngs={"params": True})
+                    split_rngs={"params": True, "dropout": True})
 
 
 class SearchCell(nn.Module):
@@ -77,9 +92,10 @@ class SearchCell(nn.Module):
   act: str = "relu"
   conv_pool_impl: str = "auto"
   edge_groups: bool = True
+  drop_path: bool = False
 
   @nn.compact
-  def __call__(self, s0, s1, weights_ExO):
+  def __call__(self, s0, s1, weights_ExO, drop_path_rate=0.0):
     c, train = self.features, self.train
     if self.reduction_prev:
       s0 = ops.FactorizedReduce(c, affine=False, act=self.act, name="pre0")(s0, train)
@@ -94,25 +110,33 @@ class SearchCell(nn.Module):
     def add(dst, y):
       node_sums[dst] = y if node_sums[dst] is None else node_sums[dst] + y
 
+    ops_of = lambda e: self.space.ops_of(e, self.reduction)
+
     def edges_from(src):
-      group = [e for e, (s, _) in enumerate(self.space.edges) if s == src]
+      leaving = [e for e, (s, _) in enumerate(self.space.edges) if s == src]
       stride = 2 if self.reduction and src < 2 else 1
-      if not group:
-        return
       if not self.edge_groups:
-        for e in group:
+        for e in leaving:
           add(self.space.edges[e][1],
-              MixedOp(self.space.ops, c, stride, train, self.act, self.conv_pool_impl,
-                      name=f"edge{e}")(states[src], weights_ExO[e]))
+              MixedOp(ops_of(e), c, stride, train, self.act, self.conv_pool_impl,
+                      drop_path=self.drop_path, name=f"edge{e}")(
+                          states[src], weights_ExO[e], drop_path_rate))
         return
-      # A group of one edge has no per-edge inputs to speak of (vmap of size 1
-      # batches the dense depthwise form into a plain convolution).
-      y_ENHWC = EdgeGroup(self.space.ops, c, stride, train, self.act, self.conv_pool_impl,
-                          in_edge_group=len(group) > 1,
-                          name=f"{initializers.STACKED_PREFIX}from{src}")(
-                              states[src], weights_ExO[np.asarray(group)])
-      for k, e in enumerate(group):
-        add(self.space.edges[e][1], y_ENHWC[k])
+      # One group per set of operations (one set, and one group, unless the space
+      # gives each edge its own operations).
+      groups = {}
+      for e in leaving:
+        groups.setdefault(ops_of(e), []).append(e)
+      for k, (op_names, group) in enumerate(groups.items()):
+        suffix = f"_{k}" if len(groups) > 1 else ""
+        # A group of one edge has no per-edge inputs to speak of (vmap of size 1
+        # batches the dense depthwise form into a plain convolution).
+        y_ENHWC = EdgeGroup(op_names, c, stride, train, self.act, self.conv_pool_impl,
+                            in_edge_group=len(group) > 1, drop_path=self.drop_path,
+                            name=f"{initializers.STACKED_PREFIX}from{src}{suffix}")(
+                                states[src], weights_ExO[np.asarray(group)], drop_path_rate)
+        for i, e in enumerate(group):
+          add(self.space.edges[e][1], y_ENHWC[i])
 
     edges_from(0)
     edges_from(1)
@@ -133,6 +157,9 @@ class Supernet(nn.Module):
   conv_pool_impl: str = "auto"
   remat: bool = False
   edge_groups: bool = True
+  drop_path: bool = False
+  dropout: float = 0.0
+  auxiliary: bool = False
 
   @property
   def space(self) -> spaces.SearchSpace:
@@ -142,7 +169,7 @@ class Supernet(nn.Module):
     return self.space.init_alpha(key, self.layers, dtype)
 
   @nn.compact
-  def __call__(self, x_NHWC, alpha, train: bool = True):
+  def __call__(self, x_NHWC, alpha, train: bool = True, drop_path_rate=0.0):
     space = self.space
     c_curr = self.stem_multiplier * self.C
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
@@ -159,9 +186,14 @@ class Supernet(nn.Module):
         c_curr *= 2
       weights_ExO = jax.nn.softmax(space.cell_alpha(alpha, i, reduction), axis=-1)
       cell = cell_cls(space, c_curr, reduction, reduction_prev, train, self.act,
-                      self.conv_pool_impl, self.edge_groups, name=f"cell{i}")
-      s0, s1 = s1, cell(s0, s1, weights_ExO)
+                      self.conv_pool_impl, self.edge_groups, self.drop_path, name=f"cell{i}")
+      s0, s1 = s1, cell(s0, s1, weights_ExO, drop_path_rate)
       reduction_prev = reduction
+      if i == 2 * self.layers // 3 and self.auxiliary and train:
+        self.sow("aux", "logits", networks.AuxiliaryHead(self.num_classes,
+                                                         name="auxiliary_head")(s1, train))
     pooled = jnp.mean(s1, axis=(1, 2))
+    if self.dropout:
+      pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
     return nn.Dense(self.num_classes, kernel_init=initializers.torch_init,
                     bias_init=initializers.torch_bias_init(pooled.shape[-1]), name="classifier")(pooled)

@@ -128,8 +128,9 @@ def train_step(tc: TrainConfig, state: TrainState, batch):
 
 def eval_step(model, params, batch_stats, batch):
   """Summed loss, top-1 and top-5 hits over the unmasked rows, in eval mode."""
+  # A genotype with RobustDARTS' `noise` operation draws noise in evaluation too.
   logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], 0.0,
-                          train=False)
+                          train=False, rngs={"dropout": jax.random.PRNGKey(0)})
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   k = min(5, logits.shape[-1])
   top5 = jnp.any(jax.lax.top_k(logits, k)[1] == batch["label"][:, None], axis=-1)

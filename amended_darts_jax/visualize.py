@@ -18,7 +18,7 @@ from amended_darts_jax import spaces
 OP_COLORS = {
     "max_pool_3x3": "#8c564b", "avg_pool_3x3": "#e377c2", "skip_connect": "#7f7f7f",
     "sep_conv_3x3": "#1f77b4", "sep_conv_5x5": "#17becf", "dil_conv_3x3": "#2ca02c",
-    "dil_conv_5x5": "#bcbd22",
+    "dil_conv_5x5": "#bcbd22", "noise": "#d62728",
 }
 
 
@@ -26,7 +26,7 @@ OP_COLORS = {
 OP_SHORT = {
     "max_pool_3x3": "max3", "avg_pool_3x3": "avg3", "skip_connect": "skip",
     "sep_conv_3x3": "sep3", "sep_conv_5x5": "sep5", "dil_conv_3x3": "dil3",
-    "dil_conv_5x5": "dil5",
+    "dil_conv_5x5": "dil5", "noise": "noise",
 }
 
 

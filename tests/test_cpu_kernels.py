@@ -157,7 +157,7 @@ def test_edge_group_kernel_under_remat_equals_grouped_conv_to_second_order():
   models = {impl: nn.remat(supernet.EdgeGroup)(ops, 4, 1, True, "softplus", impl,
                                               in_edge_group=True)
             for impl in ("conv", "kernel")}
-  variables = initializers.init_variables(models["conv"], 0, x, w_EO)
+  variables = initializers.init_variables(models["conv"], 0, x, w_EO, 0.0)
   params = jax.tree.map(lambda p: p.astype(jnp.float64), variables["params"])
   tangent = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape),
                          params)
@@ -165,7 +165,7 @@ def test_edge_group_kernel_under_remat_equals_grouped_conv_to_second_order():
   def products(model):
     def loss(p):
       y, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, w_EO,
-                         mutable=["batch_stats"])
+                         0.0, mutable=["batch_stats"])
       return jnp.sum(jnp.sin(y))
     grad = jax.grad(loss)
     return jax.jit(lambda p, t: (grad(p), jax.jvp(grad, (p,), (t,))[1]))(params, tangent)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amended_darts_jax import initializers, networks, ops, spaces, visualize
+from amended_darts_jax import initializers, networks, ops, spaces, train, visualize
 
 
 def _eval_shapes(model, x, train):
@@ -129,3 +129,20 @@ def test_per_cell_pictures_have_a_panel_per_cell_with_labelled_edges(tmp_path, m
   ops_drawn = [t for t in texts if t in visualize.OP_SHORT.values()]
   assert len(ops_drawn) == 8 * cells
   assert texts.count("$c_{k-2}$") == cells and "c_{k-2}" not in texts
+
+
+def test_a_genotype_with_noise_retrains_and_evaluates(tmp_path):
+  """RobustDARTS' S4 genotypes: the network draws its noise in training and evaluation."""
+  genotype = spaces.get_space("rdarts_s4").genotype(
+      {"normal": np.tile([1.0, 0.0], (14, 1)), "reduce": np.tile([0.0, 1.0], (14, 1))})
+  model = networks.NetworkCIFAR(genotype, C=4, layers=3, num_classes=5, auxiliary=False)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  variables = initializers.init_variables(model, 0, x, 0.0, train=True)
+  batch = {"image": x, "label": jnp.arange(4) % 5, "mask": jnp.ones(4)}
+  evaluate = jax.jit(functools.partial(train.eval_step, model))
+  out = evaluate(variables["params"], variables["batch_stats"], batch)
+  assert np.isfinite(float(out["loss_sum"])) and float(out["count"]) == 4
+  logits = lambda key: model.apply(variables, x, 0.0, train=False, rngs={"dropout": key})[0]
+  assert float(jnp.abs(logits(jax.random.PRNGKey(1)) - logits(jax.random.PRNGKey(2))).max()) > 0
+  visualize.render(genotype, str(tmp_path / "cells"))
+  assert (tmp_path / "cells.png").stat().st_size > 0

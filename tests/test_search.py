@@ -182,6 +182,41 @@ def test_collapse_count_on_skip_dominated_cells_ties_and_the_upper_third():
       "skip_dominated_edges": 0.0, "normal_edges": 0.0}
 
 
+def test_collapse_record_in_spaces_with_per_edge_operations_and_without_skip():
+  s1 = spaces.get_space("rdarts_s1")  # 12 of its 14 normal edges offer skip_connect
+  logits = np.zeros((14, 2))
+  for e in range(14):
+    if "skip_connect" in s1.ops_of(e, False):
+      logits[e, s1.ops_of(e, False).index("skip_connect")] = 1.0
+  stats = search.collapse_stats(s1, {"normal": jnp.asarray(logits), "reduce": jnp.zeros((14, 2))})
+  assert stats["skip_dominated_edges"] == 12 and stats["normal_edges"] == 14
+  # The mean skip weight is over the edges that have skip: all at softmax(1, 0).
+  assert stats["skip_weight"] == pytest.approx(np.e / (np.e + 1), rel=1e-6)
+  s4 = spaces.get_space("rdarts_s4")  # noise, sep_conv_3x3: nothing to collapse to skip
+  stats = search.collapse_stats(s4, {"normal": jnp.zeros((14, 2)).at[:, 0].set(2.0),
+                                     "reduce": jnp.zeros((14, 2))})
+  assert stats["skip_dominated_edges"] == 0 and "skip_weight" not in stats
+  assert stats["noise_weight"] == pytest.approx(np.exp(2) / (np.exp(2) + 1), rel=1e-6)
+
+
+def test_a_noise_space_searches_and_evaluates_with_its_own_keys():
+  """rdarts_s4 draws noise in the step and in evaluation; both repeat at the same state."""
+  cfg = tiny_config(space="rdarts_s4", method="first_order")
+  sc, state, train, val = _state_and_batches(cfg)
+  assert search.uses_rng(sc.model)
+  step = jax.jit(functools.partial(search.search_step, sc))
+  new, metrics = step(state, train, val)
+  np.testing.assert_array_equal(step(state, train, val)[0].alpha["normal"], new.alpha["normal"])
+  assert int(new.bad_step) == -1 and np.isfinite(float(metrics["train_loss"]))
+  evaluate = jax.jit(functools.partial(search.eval_step, sc.model))
+  batch = {**val, "mask": jnp.ones(cfg.batch_size)}
+  first = evaluate(new, batch)
+  np.testing.assert_array_equal(evaluate(new, batch)["loss_sum"], first["loss_sum"])
+  # Noise enters the logits: another step's key evaluates to another loss.
+  later = evaluate(new.replace(step=new.step + 1), batch)
+  assert float(later["loss_sum"]) != float(first["loss_sum"])
+
+
 def test_batch_that_does_not_split_across_devices_is_a_clear_error():
   with pytest.raises(ConfigError, match="batch size 12 does not split evenly across 8 devices"):
     parallel.check_batch_split(12, parallel.make_mesh())
@@ -216,8 +251,9 @@ def test_end_to_end_search_on_8_devices(tmp_path):
 
 
 def test_end_to_end_search_on_mock_cifar10(tmp_path):
-  cfg = tiny_config(dataset="cifar10", max_steps=2, crop_padding=4, flip=True, cutout=16,
-                    eval_every_epochs=0, monitor_every=1, monitor_cg_iters=3,
+  # First order: the monitor computes its own products, whatever the method.
+  cfg = tiny_config(dataset="cifar10", method="first_order", max_steps=2, crop_padding=4,
+                    flip=True, cutout=16, eval_every_epochs=0, monitor_every=1, monitor_cg_iters=3,
                     monitor_power_iters=2)
   with tfds.testing.mock_data(num_examples=64):
     summary = search.run(cfg, str(tmp_path))
@@ -293,7 +329,7 @@ def test_partial_checkpoint_is_ignored_on_resume(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message, extra_env", [
-    (("--config.space=nas101",), "error: unknown search space 'nas101'; known spaces: darts, rdarts_s2, rdarts_s3, s1, s2",
+    (("--config.space=nas101",), "error: unknown search space 'nas101'; known spaces: darts, rdarts_s1, rdarts_s2, rdarts_s3, rdarts_s4, s1, s2",
      {}),
     (("--config.dataset=mnist3d",), "error: config.dataset='mnist3d' is not one of", {}),
     (("--config.batch_size=15",), "error: batch size 15 does not split evenly across 2 devices",

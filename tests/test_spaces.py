@@ -22,6 +22,55 @@ def test_architecture_counts_match_direct_count():
   two_ops = (1 * 3 * 6 * 10 * 2 ** 8) ** 2
   assert spaces.get_space("rdarts_s2").num_architectures() == two_ops == 46_080 ** 2
   assert spaces.get_space("rdarts_s3").num_architectures() == two_ops
+  # S1 has two operations on every edge (different ones per edge and cell type), S4 two
+  # on all: the same count.
+  assert spaces.get_space("rdarts_s1").num_architectures() == two_ops
+  assert spaces.get_space("rdarts_s4").num_architectures() == two_ops
+
+
+def test_per_edge_count_is_a_sum_over_kept_edge_pairs():
+  """A 2-node cell whose edges keep 3, 1, 2, 2 and 1 operations (none is never kept):
+  node 0 keeps both its edges (3 * 1), node 1 two of three (2*2 + 2*1 + 2*1 = 8)."""
+  ops = (("none", "skip_connect", "sep_conv_3x3", "max_pool_3x3"),
+         ("none", "none", "none", "skip_connect"),
+         ("none", "none", "skip_connect", "sep_conv_3x3"),
+         ("none", "none", "avg_pool_3x3", "sep_conv_3x3"),
+         ("none", "none", "none", "dil_conv_3x3"))
+  edges = ((0, 0), (1, 0), (0, 1), (1, 1), (2, 1))
+  space = spaces.SearchSpace("t", spaces.PRIMITIVES, edges, per_cell=False, discretize="top2",
+                             default_layers=3, steps=2, edge_ops=(ops, ops))
+  assert space.num_ops == 4 and space.ops_of(1, True) == ops[1]
+  assert space.num_architectures() == (3 * 1 * 8) ** 2
+
+
+def test_rdarts_s1_mixes_its_published_pair_on_each_edge():
+  s1 = spaces.get_space("rdarts_s1")
+  assert s1.num_edges == 14 and s1.num_ops == 2
+  assert s1.alpha_shapes() == {"normal": (14, 2), "reduce": (14, 2)}
+  # Zela et al.'s table in DARTS' edge order: edge 5 is node 2's c_{k-2}, 12 and 13 node 3's
+  # nodes 1 and 2.
+  assert s1.ops_of(5, False) == ("max_pool_3x3", "skip_connect")
+  assert s1.ops_of(12, False) == s1.ops_of(13, False) == ("dil_conv_3x3", "dil_conv_5x5")
+  assert s1.ops_of(0, True) == ("max_pool_3x3", "avg_pool_3x3")
+  assert sum("skip_connect" in s1.ops_of(e, False) for e in range(14)) == 12
+  assert set(s1.ops) == {op for r in (False, True) for e in range(14) for op in s1.ops_of(e, r)}
+  # Discretization picks each edge's own operations: the second of every pair here.
+  alpha = {"normal": np.tile([0.0, 1.0], (14, 1)), "reduce": np.tile([0.0, 1.0], (14, 1))}
+  alpha["normal"][4, 1] += 1.0  # node 1 keeps edge 4 (from node 0) first, then edge 2
+  g = s1.genotype(alpha)
+  assert g.normal[:4] == (("dil_conv_3x3", 0), ("dil_conv_5x5", 1), ("dil_conv_3x3", 2),
+                          ("dil_conv_5x5", 0))
+  assert g.reduce[0] == ("avg_pool_3x3", 0)
+  lists = spaces.alpha_to_lists(s1, alpha)
+  assert lists["edge_ops"]["reduce"][0] == ["max_pool_3x3", "avg_pool_3x3"]
+
+
+def test_rdarts_s4_has_noise_and_its_genotypes_load():
+  s4 = spaces.get_space("rdarts_s4")
+  assert s4.ops == ("noise", "sep_conv_3x3") and s4.has_noise
+  g = s4.genotype({"normal": np.tile([1.0, 0.0], (14, 1)), "reduce": np.zeros((14, 2))})
+  assert {op for op, _ in g.normal} == {"noise"}
+  assert spaces.Genotype.from_dict(json.loads(g.to_json())) == g
 
 
 def test_space_structure():
@@ -36,7 +85,7 @@ def test_space_structure():
 
 
 def test_unknown_space_lists_known_ones():
-  with pytest.raises(spaces.SpaceError, match="unknown search space 'nas101'.*darts, rdarts_s2, rdarts_s3, s1, s2"):
+  with pytest.raises(spaces.SpaceError, match="unknown search space 'nas101'.*darts, rdarts_s1, rdarts_s2, rdarts_s3, rdarts_s4, s1, s2"):
     spaces.get_space("nas101")
 
 

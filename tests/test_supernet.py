@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from amended_darts_jax import initializers, spaces, supernet
+from amended_darts_jax import initializers, ops, spaces, supernet
 from amended_darts_jax.cpu import kernels
 from amended_darts_jax import hypergrad as hg
 
@@ -227,3 +227,51 @@ def test_edge_groups_equal_one_mixed_op_per_edge(reduction, reduction_prev):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
   assert float(jnp.min(jnp.abs(gw_r[:, 1:]))) > 0  # every op on every edge matters
+
+
+def test_per_edge_operations_group_by_operation_set_and_equal_one_mixed_op_per_edge():
+  """RobustDARTS' S1 reduction cell: edges leaving one state with different operation
+  pairs form one group per pair, and the cell equals its one-MixedOp-per-edge form."""
+  space = spaces.get_space("rdarts_s1")
+  cell = functools.partial(supernet.SearchCell, space, 4, True, False, True, conv_pool_impl="conv")
+  grouped, per_edge = cell(edge_groups=True), cell(edge_groups=False)
+  k0, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
+  s0, s1 = (jax.random.normal(k, (3, 8, 8, 5)) for k in (k0, k1))
+  w_ExO = jax.nn.softmax(jax.random.normal(k2, (space.num_edges, space.num_ops)))
+  variables = initializers.init_variables(grouped, 0, s0, s1, w_ExO)
+  names = set(variables["batch_stats"])
+  # From c_{k-2} edges 0, 2, 5, 9 all mix max/avg pools: one group. From c_{k-1} edges 1, 3,
+  # 6, 10 mix max/dil3, max/avg, max/sep3, max/avg: three groups, the second of two edges.
+  assert {n for n in names if "from0" in n} == {"stacked_from0"}
+  assert {n for n in names if "from1" in n} == {f"stacked_from1_{k}" for k in range(3)}
+  assert variables["batch_stats"]["stacked_from1_1"]["max_pool_3x3"]["BatchNorm_0"][
+      "mean"].shape[0] == 2
+  leaving = lambda src: [e for e, (s, _) in enumerate(space.edges) if s == src]
+
+  def unstack(tree):
+    out = {}
+    for name, sub in tree.items():
+      if not name.startswith(initializers.STACKED_PREFIX):
+        out[name] = sub
+        continue
+      src, _, k = name.removeprefix(initializers.STACKED_PREFIX + "from").partition("_")
+      sets = list(dict.fromkeys(space.ops_of(e, True) for e in leaving(int(src))))
+      group = [e for e in leaving(int(src)) if space.ops_of(e, True) == sets[int(k or 0)]]
+      for i, e in enumerate(group):
+        out[f"edge{e}"] = jax.tree.map(lambda a, i=i: a[i], sub)
+    return out
+
+  ref = jax.tree.map(lambda a: a, {c: unstack(t) for c, t in variables.items()})
+  run = lambda m, v: jax.jit(lambda v: m.apply(v, s0, s1, w_ExO, mutable=["batch_stats"])[0])(v)
+  np.testing.assert_allclose(run(grouped, variables), run(per_edge, ref), rtol=1e-5, atol=1e-5)
+
+
+def test_noise_operation_is_standard_normal_of_the_output_shape_whatever_the_input():
+  op = ops.Op("noise", 4, 2)
+  x = jnp.full((8, 16, 16, 4), 7.0)
+  draw = jax.jit(lambda x, key: op.apply({}, x, False, rngs={"dropout": key}))
+  y = np.asarray(draw(x, jax.random.PRNGKey(0)))
+  assert y.shape == (8, 8, 8, 4)
+  assert abs(y.mean()) < 0.1 and abs(y.std() - 1) < 0.06  # 2,048 draws: sds 0.022, 0.016
+  np.testing.assert_array_equal(draw(-x, jax.random.PRNGKey(0)), y)
+  assert not np.array_equal(draw(x, jax.random.PRNGKey(1)), y)

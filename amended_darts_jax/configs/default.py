@@ -69,6 +69,12 @@ def get_config():
   c.flip = False
   c.cutout = 0
 
+  # Retraining's regularizers in the search (off; configs/s1_consistent.py turns them on).
+  c.drop_path_prob = 0.0  # on the non-identity ops of every edge, ramped as DARTS: p * epoch / epochs
+  c.dropout = 0.0  # before the classifier
+  c.auxiliary = False  # DARTS' auxiliary head after the second reduction cell
+  c.auxiliary_weight = 0.4  # its loss weight, in every training-mode loss of the search
+
   # Running.
   c.max_steps = 0  # stop after this many steps in all; 0: run all epochs
   c.log_every = 10  # steps
