@@ -199,15 +199,17 @@ def test_collapse_record_in_spaces_with_per_edge_operations_and_without_skip():
   assert stats["noise_weight"] == pytest.approx(np.exp(2) / (np.exp(2) + 1), rel=1e-6)
 
 
-def test_a_noise_space_searches_and_evaluates_with_its_own_keys():
-  """rdarts_s4 draws noise in the step and in evaluation; both repeat at the same state."""
+def test_a_noise_space_draws_its_keys_in_the_losses_and_in_evaluation():
+  """rdarts_s4 draws noise in the step's losses (their keys from search_batches) and in
+  evaluation; both repeat at the same state and key."""
   cfg = tiny_config(space="rdarts_s4", method="first_order")
   sc, state, train, val = _state_and_batches(cfg)
   assert search.uses_rng(sc.model)
-  step = jax.jit(functools.partial(search.search_step, sc))
-  new, metrics = step(state, train, val)
-  np.testing.assert_array_equal(step(state, train, val)[0].alpha["normal"], new.alpha["normal"])
-  assert int(new.bad_step) == -1 and np.isfinite(float(metrics["train_loss"]))
+  t, _ = search.search_batches(sc, state, train, val)
+  loss = jax.jit(lambda b: search.loss_of(sc)(state.params, state.alpha, b)[0])
+  assert float(loss(t)) == float(loss(t)) and np.isfinite(float(loss(t)))
+  assert float(loss({**t, "rng": jax.random.PRNGKey(99)})) != float(loss(t))
+  new = state
   evaluate = jax.jit(functools.partial(search.eval_step, sc.model))
   batch = {**val, "mask": jnp.ones(cfg.batch_size)}
   first = evaluate(new, batch)
