@@ -182,7 +182,7 @@ def search_batches(sc: StepConfig, state: SearchState, train_batch, val_batch):
   val = {**val_batch, "batch_stats": state.batch_stats}
   if uses_rng(sc.model):
     k_train, k_val = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    rate = sc.drop_path_prob * (state.step // sc.steps_per_epoch) / sc.epochs
+    rate = training.drop_path_rate(sc.drop_path_prob, state.step, sc.steps_per_epoch, sc.epochs)
     train.update(rng=k_train, drop_path_rate=rate)
     val.update(rng=k_val, drop_path_rate=rate)
   return train, val

@@ -90,8 +90,7 @@ def train_config(cfg, model, steps_per_epoch: int) -> TrainConfig:
 
 
 def drop_path_rate(tc: TrainConfig, step):
-  """DARTS ramps drop-path linearly with the epoch: p * epoch / epochs."""
-  return tc.drop_path_prob * (step // tc.steps_per_epoch) / tc.epochs
+  return training.drop_path_rate(tc.drop_path_prob, step, tc.steps_per_epoch, tc.epochs)
 
 
 def train_loss(tc: TrainConfig, params, batch_stats, batch, rng, rate):

@@ -45,6 +45,11 @@ def sgd(lr_fn: Callable[[jax.Array], jax.Array], *, grad_clip: float, weight_dec
                      optax.sgd(lr_fn, momentum=momentum))
 
 
+def drop_path_rate(prob: float, step, steps_per_epoch: int, epochs: int):
+  """DARTS ramps drop-path linearly with the epoch: p * epoch / epochs."""
+  return prob * (step // steps_per_epoch) / epochs
+
+
 def cross_entropy(logits, labels, smoothing: float = 0.0):
   """The mean cross-entropy of integer labels; with `smoothing`, of smoothed one-hot targets."""
   if not smoothing:
