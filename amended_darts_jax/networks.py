@@ -1,7 +1,9 @@
-"""Discrete networks built from a genotype, for retraining (DARTS' `cnn/model.py` layout).
+"""Discrete networks built from a genotype, for retraining (DARTS' `cnn/model.py` layout,
+and NAS-Bench-201's skeleton for its genotypes).
 
-`NetworkCIFAR` and `NetworkImageNet` return `(logits, aux_logits)`; aux_logits is
-None unless the auxiliary head is on and `train=True`. Drop-path (applied to
+`NetworkCIFAR`, `NetworkImageNet` and `NB201Network` return `(logits, aux_logits)`;
+aux_logits is None unless the auxiliary head is on and `train=True` (NAS-Bench-201
+has none). Drop-path (applied to
 every non-identity op in training) needs a "dropout" rng; its rate is a call
 argument so the caller can ramp it without recompiling.
 """
@@ -58,25 +60,28 @@ class Cell(nn.Module):
 
 class AuxiliaryHead(nn.Module):
   """DARTS' auxiliary classifier; `imagenet` pools with stride 2 and drops the second BN.
+  Its activations are `act`, so that a smooth network is smooth throughout.
 
   DARTS sizes it for an 8x8 (CIFAR) or 14x14 (ImageNet) feature map; on smaller
   maps (the 8x8 digits give 2x2) the pooling and convolution windows shrink to fit.
   """
   num_classes: int
   imagenet: bool = False
+  act: str = "relu"
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.relu(x)
+    act = ops.activation(self.act)
+    x = act(x)
     pool = min(5, x.shape[1], x.shape[2])
     x = nn.avg_pool(x, (pool, pool), (2, 2) if self.imagenet else (3, 3), padding="VALID")
     x = ops.pointwise(128)(x)
-    x = nn.relu(batch_norm.batch_norm(train, affine=True)(x))
+    x = act(batch_norm.batch_norm(train, affine=True)(x))
     k = min(2, x.shape[1], x.shape[2])
     x = nn.Conv(768, (k, k), padding="VALID", use_bias=False, kernel_init=initializers.torch_init)(x)
     if not self.imagenet:
       x = batch_norm.batch_norm(train, affine=True)(x)
-    x = nn.relu(x)
+    x = act(x)
     x = x.reshape(x.shape[0], -1)
     return nn.Dense(self.num_classes, kernel_init=initializers.torch_init,
                     bias_init=initializers.torch_bias_init(x.shape[-1]))(x)
@@ -114,8 +119,8 @@ class _CellStack(nn.Module):
                         self.conv_pool_impl, name=f"cell{i}")(s0, s1, drop_path_rate, train)
       reduction_prev = reduction
       if i == 2 * self.layers // 3 and self.auxiliary and train:
-        logits_aux = AuxiliaryHead(self.num_classes, self.imagenet, name="auxiliary_head")(
-            s1, train)
+        logits_aux = AuxiliaryHead(self.num_classes, self.imagenet, self.act,
+                                   name="auxiliary_head")(s1, train)
     return s1, logits_aux
 
 
@@ -159,14 +164,66 @@ class NetworkImageNet(nn.Module):
     conv = lambda c, name: nn.Conv(c, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False,
                                    kernel_init=initializers.torch_init, name=name)
     x = batch_norm.batch_norm(train, True, name="stem0_bn0")(conv(self.C // 2, "stem0_conv0")(x_NHWC))
-    x = nn.relu(x)
-    s0 = batch_norm.batch_norm(train, True, name="stem0_bn1")(conv(self.C, "stem0_conv1")(x))
-    s1 = batch_norm.batch_norm(train, True, name="stem1_bn")(conv(self.C, "stem1_conv")(nn.relu(s0)))
+    act = ops.activation(self.act)
+    s0 = batch_norm.batch_norm(train, True, name="stem0_bn1")(conv(self.C, "stem0_conv1")(act(x)))
+    s1 = batch_norm.batch_norm(train, True, name="stem1_bn")(conv(self.C, "stem1_conv")(act(s0)))
     s1, logits_aux = _CellStack(self.genotype, self.C, self.layers, self.num_classes,
                                 self.auxiliary, True, True, self.act, self.conv_pool_impl,
                                 name="cells")(s0, s1, drop_path_rate, train)
     # DARTS pools 7x7 at 224x224 input; a global mean is the same there and works at any size.
     return _classifier(self.num_classes, s1), logits_aux
+
+
+class NB201Cell(nn.Module):
+  """NAS-Bench-201's cell: node j sums the genotype's op on each edge from an earlier state."""
+  gene: spaces.Gene
+  features: int
+  act: str = "relu"
+
+  @nn.compact
+  def __call__(self, x, drop_path_rate, train: bool):
+    states, sums = [x], {}
+    for k, ((op, src), (_, dst)) in enumerate(zip(self.gene, spaces.NB201_EDGES)):
+      h = ops.Op(op, self.features, 1, act=self.act, name=f"op{k}")(states[src], train)
+      if train and op != "none" and not ops.is_identity(op, 1):
+        h = drop_path(h, drop_path_rate, self.make_rng("dropout"))
+      sums[dst] = h if dst not in sums else sums[dst] + h
+      if k + 1 == len(self.gene) or spaces.NB201_EDGES[k + 1][1] != dst:
+        states.append(sums[dst])  # node dst has all its edges
+    return states[-1]
+
+
+class NB201Network(nn.Module):
+  """NAS-Bench-201's network: stem, three stages of layers / 3 cells, with its
+  residual block between them, BN-ReLU, global pooling, classifier (C=16, 15 cells
+  in the benchmark)."""
+  genotype: spaces.Genotype
+  C: int = 16
+  layers: int = 15
+  num_classes: int = 10
+  act: str = "relu"
+
+  @nn.compact
+  def __call__(self, x_NHWC, drop_path_rate=0.0, train: bool = False):
+    if not self.genotype.is_nb201:
+      raise spaces.GenotypeError("NB201Network builds NAS-Bench-201 genotypes only")
+    if self.layers % 3:
+      raise spaces.GenotypeError(f"NAS-Bench-201's network has three stages of equal depth, "
+                                 f"so layers must be a multiple of 3; got {self.layers}")
+    x = nn.Conv(self.C, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
+    x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
+    c, i = self.C, 0
+    for stage in range(3):
+      if stage:
+        c *= 2
+        x = ops.ResNetBlock(c, self.act, name=f"block{stage}")(x, train)
+      for _ in range(self.layers // 3):
+        x = NB201Cell(self.genotype.nb201, c, self.act, name=f"cell{i}")(x, drop_path_rate,
+                                                                        train)
+        i += 1
+    x = ops.activation(self.act)(batch_norm.batch_norm(train, affine=True, name="last_bn")(x))
+    return _classifier(self.num_classes, x), None
 
 
 def count_params(params: Any, exclude: str = "auxiliary_head") -> int:
@@ -216,7 +273,8 @@ def count_macs(model: nn.Module, variables: Any, input_shape: tuple[int, ...]) -
   Counted from the traced program, with depthwise convolutions as grouped
   convolutions (the formulation whose count is k*k*C per output pixel).
   """
-  model = model.clone(conv_pool_impl="conv")
+  if hasattr(model, "conv_pool_impl"):
+    model = model.clone(conv_pool_impl="conv")
   x = jnp.zeros((1, *input_shape), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, 0.0, train=False,
                                                rngs={"dropout": jax.random.PRNGKey(0)})[0])(variables)

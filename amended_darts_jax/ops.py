@@ -1,8 +1,10 @@
-"""The eight DARTS operations as Flax Linen modules (NHWC).
+"""The eight DARTS operations, and NAS-Bench-201's, as Flax Linen modules (NHWC).
 
 They follow DARTS' reference definitions: activation-conv-BN order, separable
 convolutions applied twice, dilated convolutions with dilation 2, factorized
-reduce for a strided skip, average pooling that does not count padding. Weights
+reduce for a strided skip, average pooling that does not count padding.
+NAS-Bench-201 adds `nor_conv_1x1` and `nor_conv_3x3` (act-conv-BN, ReLUConvBN)
+and its residual reduction block (ResNetBlock). Weights
 are initialised as PyTorch does (initializers.py) so that search dynamics match.
 
 How the depthwise convolutions and the max pooling are computed is the
@@ -203,7 +205,28 @@ class Op(nn.Module):
       return DilConv(c, 3, s, 2, 2, **common, **dw)(x, train)
     if op == "dil_conv_5x5":
       return DilConv(c, 5, s, 4, 2, **common, **dw)(x, train)
+    if op == "nor_conv_1x1":
+      return ReLUConvBN(c, 1, s, 0, **common)(x, train)
+    if op == "nor_conv_3x3":
+      return ReLUConvBN(c, 3, s, 1, **common)(x, train)
     raise ValueError(f"unknown operation {op!r}")
+
+
+class ResNetBlock(nn.Module):
+  """NAS-Bench-201's reduction block: halves the resolution to `features` channels.
+
+  Two act-conv3x3-BN layers (the first strided) added to a shortcut of 2x2
+  average pooling and a 1x1 convolution, with affine batch norm, as the
+  benchmark's ResNetBasicblock.
+  """
+  features: int
+  act: str = "relu"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = ReLUConvBN(self.features, 3, 2, 1, act=self.act, name="conv_a")(x, train)
+    y = ReLUConvBN(self.features, 3, 1, 1, act=self.act, name="conv_b")(y, train)
+    return pointwise(self.features, name="shortcut")(nn.avg_pool(x, (2, 2), (2, 2))) + y
 
 
 def is_identity(op: str, stride: int) -> bool:

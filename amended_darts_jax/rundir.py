@@ -22,7 +22,7 @@ from amended_darts_jax.errors import ConfigError, UserError
 RENAMED_FIELDS = {"depthwise_impl": "conv_pool_impl", "batch_edges": "edge_groups"}
 # Fields added later, with the value that does what a workdir written without them did.
 ADDED_FIELDS = {"holdout": 0.0, "drop_path_prob": 0.0, "dropout": 0.0, "auxiliary": False,
-                "auxiliary_weight": 0.4}
+                "auxiliary_weight": 0.4, "nesterov": False, "nb201_benchmark": ""}
 
 
 def prepare_workdir(workdir: str) -> None:

@@ -8,7 +8,10 @@ cosine schedule, weight decay, clipping) that reuses the training gradient the
 architecture step computed where it computed one. Everything under DIR:
 checkpoints/ and checkpoint_digests/ (checkpointing.py), genotype.json,
 alphas.json, alpha_history.jsonl, config.json, metrics.jsonl, TensorBoard
-events, figure1.png and cells.{png,svg,dot}.
+events, figure1.png and cells.{png,svg,dot}; in the `nb201` space also
+nb201_arch.txt (the benchmark's architecture string) and, where
+`config.nb201_benchmark` names the benchmark's file, nb201_lookup.json (the
+searched cell's recorded accuracies, nb201.py).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from amended_darts_jax import (hypergrad, initializers, input_pipeline, loop, ops, parallel, plots,
-                               rundir, spaces, supernet, training, validation)
+from amended_darts_jax import (hypergrad, initializers, input_pipeline, loop, nb201, ops,
+                               parallel, plots, rundir, spaces, supernet, training, validation)
 from amended_darts_jax.cpu import dispatch
 from amended_darts_jax.errors import ConfigError
 
@@ -81,11 +84,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Checks every field that can be checked without a JAX backend; ConfigError names the first bad one."""
   spaces.get_space(cfg.space)
   positive = ("batch_size", "epochs", "layers", "init_channels", "log_every", "checkpoint_every",
-              "lr", "arch_lr", "grad_clip", "fd_r", "cg_maxiter", "cg_tol", "monitor_cg_iters",
+              "lr", "arch_lr", "fd_r", "cg_maxiter", "cg_tol", "monitor_cg_iters",
               "monitor_power_iters")
-  non_negative = ("eta", "max_steps", "lr_min", "weight_decay", "arch_weight_decay", "damping",
-                  "eval_every_epochs", "monitor_every", "crop_padding", "cutout", "seed",
-                  "auxiliary_weight")
+  non_negative = ("grad_clip", "eta", "max_steps", "lr_min", "weight_decay", "arch_weight_decay",
+                  "damping", "eval_every_epochs", "monitor_every", "crop_padding", "cutout",
+                  "seed", "auxiliary_weight")
   validation.check(cfg, {
       "method": validation.one_of(hypergrad.METHODS),
       "products": validation.one_of(hypergrad.PRODUCTS),
@@ -100,6 +103,18 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.init_channels % 2:
     raise ConfigError(f"init_channels must be even (factorized reduce halves it), "
                       f"got {cfg.init_channels}")
+  if spaces.get_space(cfg.space).cell == "nb201":
+    if cfg.layers % 3:
+      raise ConfigError(f"nb201 stacks three stages of equal depth, so layers must be a "
+                        f"multiple of 3; got {cfg.layers}")
+    if cfg.auxiliary:
+      raise ConfigError("NAS-Bench-201's network has no auxiliary head: set "
+                        "--config.auxiliary=False")
+  if cfg.nb201_benchmark:
+    if cfg.space != "nb201":
+      raise ConfigError(f"config.nb201_benchmark looks up NAS-Bench-201 cells; the space is "
+                        f"{cfg.space!r}, not 'nb201'")
+    nb201.check(cfg.nb201_benchmark)
   validation.check_cluster(cfg)
 
 
@@ -115,7 +130,7 @@ def make_optimizers(cfg, steps_per_epoch: int):
   """DARTS' optimizers: SGD+momentum with a per-epoch cosine to lr_min; Adam on alpha."""
   lr_fn = training.epoch_schedule(cfg.lr, cfg.lr_min, cfg.epochs, steps_per_epoch)
   w_tx = training.sgd(lr_fn, grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay,
-                      momentum=cfg.momentum)
+                      momentum=cfg.momentum, nesterov=cfg.nesterov)
   # PyTorch's Adam weight decay is an L2 term added to the gradient.
   a_tx = optax.chain(optax.add_decayed_weights(cfg.arch_weight_decay),
                      optax.adam(cfg.arch_lr, b1=cfg.arch_beta1, b2=cfg.arch_beta2))
@@ -313,8 +328,8 @@ def collapse_stats(space: spaces.SearchSpace, alpha) -> dict[str, float]:
   add `upper_skip_dominated_edges` out of `upper_normal_edges`: the normal cells after
   the second reduction cell, where the paper sees DARTS fill a deep supernet with skips.
   """
-  weights = np.asarray(jax.nn.softmax(jnp.asarray(alpha["cells"] if space.per_cell
-                                                  else alpha["normal"], jnp.float32), -1))
+  normal = alpha["cells"] if space.per_cell else space.cell_alpha(alpha, 0, False)
+  weights = np.asarray(jax.nn.softmax(jnp.asarray(normal, jnp.float32), -1))
   upper = weights[:0]
   if space.per_cell:
     reductions = spaces.reduction_cells(weights.shape[0])
@@ -435,7 +450,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     plots.figure1(workdir)
     from amended_darts_jax import visualize
     visualize.render(genotype, os.path.join(workdir, "cells"))
+    if genotype.is_nb201:
+      rundir.write_text(os.path.join(workdir, "nb201_arch.txt"), genotype.arch_str + "\n")
   logging.info("genotype: %s", json.dumps(genotype.to_dict()))
+  if genotype.is_nb201:
+    logging.info("NAS-Bench-201 architecture: %s", genotype.arch_str)
+    summary["nb201_arch"] = genotype.arch_str
+  if cfg.nb201_benchmark and run_.is_main:  # after every result is saved
+    record = nb201.lookup(nb201.open_benchmark(cfg.nb201_benchmark), genotype.arch_str)
+    rundir.write_json(os.path.join(workdir, "nb201_lookup.json"), record)
+    summary["nb201_lookup"] = record
   return summary
 
 

@@ -13,6 +13,14 @@ pairs, in DARTS' format, so the same discrete network serves every space.
     rdarts_s3: darts' cell and discretization with {none, skip_connect, sep_conv_3x3} (their S3)
     rdarts_s1: darts' cell with two preselected operations per edge and cell type (their S1)
     rdarts_s4: darts' cell with {noise, sep_conv_3x3} (their S4; `noise` outputs N(0, 1))
+    nb201: NAS-Bench-201's cell (Dong & Yang, 2020): one input, 3 nodes, all 6 edges,
+           5 ops with `none`, one alpha shared by every cell, argmax per edge over all ops
+
+NAS-Bench-201's cell is of another kind (`SearchSpace.cell == "nb201"`): state 0
+is the cell's input, node j (1..3) sums an operation of every earlier state, and
+node 3 is the output. Its genotype (`Genotype.nb201`) lists the six `(op, source)`
+pairs in the benchmark's order, which is that of its architecture string
+`|op~0|+|op~0|op~1|+|op~0|op~1|op~2|` (`Genotype.arch_str`).
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_
 OPERATIONS = PRIMITIVES + ("noise",)
 STEPS = 4
 CONCAT = (2, 3, 4, 5)
+# NAS-Bench-201's operations, in the benchmark's order, and its cell's edges as
+# (source state, node), in the order of its architecture string.
+NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+NB201_EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
 
 
 class SpaceError(ConfigError):
@@ -69,16 +81,50 @@ class Genotype:
   Shared spaces fill `normal` and `reduce` (each `2 * steps` pairs of
   `(op, source_state)`, node i using pairs 2i and 2i+1). Per-cell spaces (s2)
   fill `cells` instead, one gene per cell, and leave `normal`/`reduce` empty.
+  NAS-Bench-201 genotypes fill only `nb201`: one `(op, source_state)` pair per
+  edge of NB201_EDGES, `none` included (an edge the benchmark's cell leaves out).
   """
   normal: Gene = ()
   normal_concat: tuple[int, ...] = CONCAT
   reduce: Gene = ()
   reduce_concat: tuple[int, ...] = CONCAT
   cells: tuple[Gene, ...] = ()
+  nb201: Gene = ()
 
   @property
   def per_cell(self) -> bool:
     return bool(self.cells)
+
+  @property
+  def is_nb201(self) -> bool:
+    return bool(self.nb201)
+
+  @property
+  def arch_str(self) -> str:
+    """NAS-Bench-201's architecture string, `|op~0|+|op~0|op~1|+|op~0|op~1|op~2|`."""
+    if not self.is_nb201:
+      raise GenotypeError("only NAS-Bench-201 genotypes have a benchmark architecture string")
+    nodes, k = [], 0
+    for node in range(1, 4):
+      nodes.append("|" + "|".join(f"{op}~{src}" for op, src in self.nb201[k:k + node]) + "|")
+      k += node
+    return "+".join(nodes)
+
+  @classmethod
+  def from_arch_str(cls, text: str) -> "Genotype":
+    """Parses NAS-Bench-201's architecture string; a malformed one is a GenotypeError."""
+    nodes = text.strip().split("+")
+    pairs = []
+    for node, part in enumerate(nodes, start=1):
+      if not (part.startswith("|") and part.endswith("|")):
+        break
+      for item in part[1:-1].split("|"):
+        op, _, src = item.partition("~")
+        pairs.append([op, int(src) if src.isdigit() else src])
+    if len(nodes) != 3 or len(pairs) != len(NB201_EDGES):
+      raise GenotypeError(f"{text!r} is not a NAS-Bench-201 architecture string: expected "
+                          "three '+'-separated nodes of 1, 2 and 3 '|op~source|' edges")
+    return cls(nb201=_parse_nb201(pairs, "architecture string"))
 
   def gene(self, cell: int, reduction: bool) -> tuple[Gene, tuple[int, ...]]:
     """The gene and concat list of cell `cell`."""
@@ -87,6 +133,8 @@ class Genotype:
     return (self.reduce, self.reduce_concat) if reduction else (self.normal, self.normal_concat)
 
   def to_dict(self) -> dict[str, Any]:
+    if self.is_nb201:
+      return {"nb201": [list(p) for p in self.nb201]}
     d = {"normal_concat": list(self.normal_concat), "reduce_concat": list(self.reduce_concat)}
     if self.per_cell:
       d["cells"] = [[list(p) for p in g] for g in self.cells]
@@ -100,9 +148,13 @@ class Genotype:
     """Validates and builds a genotype; raises GenotypeError naming what is wrong."""
     if not isinstance(d, Mapping):
       raise GenotypeError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    unknown = set(d) - {"normal", "normal_concat", "reduce", "reduce_concat", "cells"}
+    unknown = set(d) - {"normal", "normal_concat", "reduce", "reduce_concat", "cells", "nb201"}
     if unknown:
       raise GenotypeError(f"{where}: unknown field(s) {sorted(unknown)}")
+    if "nb201" in d:
+      if set(d) != {"nb201"}:
+        raise GenotypeError(f"{where}: a NAS-Bench-201 genotype has only the field 'nb201'")
+      return cls(nb201=_parse_nb201(d["nb201"], f"{where}.nb201"))
     per_cell = "cells" in d
     if per_cell and ("normal" in d or "reduce" in d):
       raise GenotypeError(f"{where}: give either 'cells' or 'normal'/'reduce', not both")
@@ -148,6 +200,24 @@ def _parse_gene(gene: Any, where: str) -> Gene:
   return tuple(pairs)
 
 
+def _parse_nb201(gene: Any, where: str) -> Gene:
+  expected = "[" + ", ".join(f"[op, {src}]" for src, _ in NB201_EDGES) + "]"
+  if not isinstance(gene, list) or len(gene) != len(NB201_EDGES):
+    raise GenotypeError(f"{where}: a NAS-Bench-201 cell has {len(NB201_EDGES)} edges, so its "
+                        f"gene is {expected}")
+  pairs = []
+  for k, (pair, (src, node)) in enumerate(zip(gene, NB201_EDGES)):
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str)
+        or pair[1] != src or isinstance(pair[1], bool)):
+      raise GenotypeError(f"{where}[{k}]: edge {k} runs from state {src} to node {node}, so "
+                          f"it is [op, {src}]; got {pair!r}")
+    if pair[0] not in NB201_OPS:
+      raise GenotypeError(f"{where}[{k}]: unknown operation {pair[0]!r}; NAS-Bench-201's are "
+                          f"{', '.join(NB201_OPS)}")
+    pairs.append((pair[0], src))
+  return tuple(pairs)
+
+
 def _parse_concat(concat: Any, where: str) -> tuple[int, ...]:
   if (not isinstance(concat, list) or not concat
       or not all(isinstance(c, int) and not isinstance(c, bool) for c in concat)):
@@ -187,15 +257,19 @@ GENOTYPES = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2}
 
 
 def get_genotype(name_or_path: str) -> Genotype:
-  """A published genotype by name (DARTS_V1, DARTS_V2), else a genotype.json path.
+  """A published genotype by name (DARTS_V1, DARTS_V2), a NAS-Bench-201 architecture
+  string (`|nor_conv_3x3~0|+|...|`), else a genotype.json path.
 
   A value that looks like a path (a directory separator, or a `.json` ending) is
   read as one, so a missing file is reported as such; errors are one sentence.
   """
   if not name_or_path:
-    raise GenotypeError("the genotype is empty; give DARTS_V1, DARTS_V2 or a genotype.json path")
+    raise GenotypeError("the genotype is empty; give DARTS_V1, DARTS_V2, a NAS-Bench-201 "
+                        "architecture string or a genotype.json path")
   if name_or_path in GENOTYPES:
     return GENOTYPES[name_or_path]
+  if name_or_path.startswith("|"):
+    return Genotype.from_arch_str(name_or_path)
   if os.path.sep in name_or_path or name_or_path.endswith(".json") or os.path.exists(name_or_path):
     return load_genotype(name_or_path)
   raise GenotypeError(f"{name_or_path!r} is neither a known genotype "
@@ -216,6 +290,9 @@ class SearchSpace:
   # per edge, all of one length. Empty: every edge has `ops`, which then lists the
   # operations; with edge_ops, `ops` is only the set they draw from.
   edge_ops: tuple[tuple[tuple[str, ...], ...], ...] = ()
+  # "darts": DARTS' two-input cell, normal and reduction cells; "nb201": NAS-Bench-201's
+  # one-input cell between residual reduction blocks, one alpha ("cell") for all cells.
+  cell: str = "darts"
 
   @property
   def num_edges(self) -> int:
@@ -236,6 +313,8 @@ class SearchSpace:
 
   def alpha_shapes(self, layers: int | None = None) -> dict[str, tuple[int, ...]]:
     layers = layers or self.default_layers
+    if self.cell == "nb201":
+      return {"cell": (self.num_edges, self.num_ops)}
     if self.per_cell:
       return {"cells": (layers, self.num_edges, self.num_ops)}
     return {"normal": (self.num_edges, self.num_ops), "reduce": (self.num_edges, self.num_ops)}
@@ -250,6 +329,8 @@ class SearchSpace:
 
   def cell_alpha(self, alpha: Mapping[str, jax.Array], cell: int, reduction: bool) -> jax.Array:
     """The (edges, ops) alpha that cell `cell` uses."""
+    if self.cell == "nb201":
+      return alpha["cell"]
     if self.per_cell:
       return alpha["cells"][cell]
     return alpha["reduce"] if reduction else alpha["normal"]
@@ -262,7 +343,9 @@ class SearchSpace:
 
   def num_architectures(self, layers: int | None = None) -> int:
     """The exact number of discrete architectures (docs/math.md §12)."""
-    cells = (layers or self.default_layers) if self.per_cell else 2
+    cells = (layers or self.default_layers) if self.per_cell else len(self.alpha_shapes())
+    if self.discretize == "argmax_all":  # every op, `none` too, on every edge
+      return (self.num_ops ** self.num_edges) ** cells
     if self.discretize != "top2":
       return (self.num_ops ** self.num_edges) ** cells
     total = 1
@@ -280,6 +363,10 @@ class SearchSpace:
     """Discretizes alphas (logits) into a genotype, on softmaxed weights as DARTS does."""
     weights = {k: np.asarray(jax.nn.softmax(jnp.asarray(v, jnp.float32), axis=-1))
                for k, v in alpha.items()}
+    if self.cell == "nb201":
+      # NAS-Bench-201's DARTS: the strongest operation of each edge, `none` included.
+      return Genotype(nb201=tuple((self.ops[int(np.argmax(w_O))], src) for w_O, (src, _)
+                                  in zip(weights["cell"], self.edges)))
     if self.per_cell:
       return Genotype(cells=tuple(self._gene(w, False) for w in weights["cells"]))
     return Genotype(normal=self._gene(weights["normal"], False),
@@ -352,6 +439,9 @@ SPACES = {
                              default_layers=8, edge_ops=_RDARTS_S1),
     "rdarts_s4": SearchSpace("rdarts_s4", ("noise", "sep_conv_3x3"), _all_edges(STEPS),
                              per_cell=False, discretize="top2", default_layers=8),
+    # `layers` counts all cells: three stages of layers / 3 (NAS-Bench-201: 3 x 5).
+    "nb201": SearchSpace("nb201", NB201_OPS, NB201_EDGES, per_cell=False,
+                         discretize="argmax_all", default_layers=15, steps=3, cell="nb201"),
 }
 
 

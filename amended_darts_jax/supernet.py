@@ -55,6 +55,7 @@ class MixedOp(nn.Module):
   conv_pool_impl: str = "auto"
   in_edge_group: bool = False
   drop_path: bool = False
+  pool_bn: bool = True  # DARTS' BN after the pools; NAS-Bench-201's search cell has none
 
   @nn.compact
   def __call__(self, x, weights_O, drop_path_rate=0.0):
@@ -63,7 +64,7 @@ class MixedOp(nn.Module):
     for k, op in enumerate(self.op_names):
       if op == "none":  # contributes zeros; its weight still enters the softmax
         continue
-      y = ops.Op(op, self.features, self.stride, affine=False, pool_bn=True, act=self.act,
+      y = ops.Op(op, self.features, self.stride, affine=False, pool_bn=self.pool_bn, act=self.act,
                  conv_pool_impl=self.conv_pool_impl, in_edge_group=self.in_edge_group,
                  name=op)(x, train)
       if self.drop_path and train and not ops.is_identity(op, self.stride):
@@ -146,6 +147,43 @@ class SearchCell(nn.Module):
     return jnp.concatenate(states[2:], axis=-1)
 
 
+class NB201SearchCell(nn.Module):
+  """NAS-Bench-201's cell in search: node j sums the mixed ops of every earlier state.
+
+  State 0 is the input; the output is node 3. Non-affine batch norm, no BN
+  after the pools, no preprocessing (the benchmark's search cell). Edge groups
+  as in SearchCell: the edges leaving a state as one vmapped MixedOp.
+  """
+  space: spaces.SearchSpace
+  features: int
+  train: bool
+  act: str = "relu"
+  conv_pool_impl: str = "auto"
+  edge_groups: bool = True
+  drop_path: bool = False
+
+  @nn.compact
+  def __call__(self, x, weights_ExO, drop_path_rate=0.0):
+    c, edges = self.features, self.space.edges
+    states, node_sums = [x], {}
+    mixed = dict(train=self.train, act=self.act, conv_pool_impl=self.conv_pool_impl,
+                 drop_path=self.drop_path, pool_bn=False)
+    for src in range(self.space.steps):
+      leaving = [e for e, (s, _) in enumerate(edges) if s == src]
+      if self.edge_groups and len(leaving) > 1:
+        ys = EdgeGroup(self.space.ops, c, 1, in_edge_group=True,
+                       name=f"{initializers.STACKED_PREFIX}from{src}", **mixed)(
+                           states[src], weights_ExO[np.asarray(leaving)], drop_path_rate)
+      else:
+        ys = [MixedOp(self.space.ops, c, 1, name=f"edge{e}", **mixed)(
+            states[src], weights_ExO[e], drop_path_rate) for e in leaving]
+      for e, y in zip(leaving, ys):
+        dst = edges[e][1]
+        node_sums[dst] = y if dst not in node_sums else node_sums[dst] + y
+      states.append(node_sums[src + 1])  # every edge into node src + 1 is in
+    return states[-1]
+
+
 class Supernet(nn.Module):
   """The DARTS search network for any space; `remat` rematerializes per cell."""
   space_name: str = "darts"
@@ -171,6 +209,8 @@ class Supernet(nn.Module):
   @nn.compact
   def __call__(self, x_NHWC, alpha, train: bool = True, drop_path_rate=0.0):
     space = self.space
+    if space.cell == "nb201":
+      return self._nb201(x_NHWC, alpha, train, drop_path_rate)
     c_curr = self.stem_multiplier * self.C
     x = nn.Conv(c_curr, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
@@ -190,10 +230,39 @@ class Supernet(nn.Module):
       s0, s1 = s1, cell(s0, s1, weights_ExO, drop_path_rate)
       reduction_prev = reduction
       if i == 2 * self.layers // 3 and self.auxiliary and train:
-        self.sow("aux", "logits", networks.AuxiliaryHead(self.num_classes,
+        self.sow("aux", "logits", networks.AuxiliaryHead(self.num_classes, act=self.act,
                                                          name="auxiliary_head")(s1, train))
-    pooled = jnp.mean(s1, axis=(1, 2))
+    return self._classify(s1, train)
+
+  def _classify(self, x_NHWC, train):
+    """Global average pooling, dropout where it is on, the linear classifier."""
+    pooled = jnp.mean(x_NHWC, axis=(1, 2))
     if self.dropout:
       pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
     return nn.Dense(self.num_classes, kernel_init=initializers.torch_init,
                     bias_init=initializers.torch_bias_init(pooled.shape[-1]), name="classifier")(pooled)
+
+  def _nb201(self, x_NHWC, alpha, train, drop_path_rate):
+    """NAS-Bench-201's search network: a C-channel stem, three stages of layers / 3
+    cells with residual reduction blocks between them, BN-act, pooling, classifier."""
+    if self.layers % 3:
+      raise spaces.SpaceError(f"nb201 stacks three stages of equal depth, so layers must be a "
+                              f"multiple of 3; got {self.layers}")
+    if self.auxiliary:
+      raise spaces.SpaceError("NAS-Bench-201's network has no auxiliary head")
+    x = nn.Conv(self.C, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
+    x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
+    weights_ExO = jax.nn.softmax(self.space.cell_alpha(alpha, 0, False), axis=-1)
+    cell_cls = nn.remat(NB201SearchCell) if self.remat else NB201SearchCell
+    c, i = self.C, 0
+    for stage in range(3):
+      if stage:
+        c *= 2
+        x = ops.ResNetBlock(c, self.act, name=f"block{stage}")(x, train)
+      for _ in range(self.layers // 3):
+        x = cell_cls(self.space, c, train, self.act, self.conv_pool_impl, self.edge_groups,
+                     self.drop_path, name=f"cell{i}")(x, weights_ExO, drop_path_rate)
+        i += 1
+    x = ops.activation(self.act)(batch_norm.batch_norm(train, affine=True, name="last_bn")(x))
+    return self._classify(x, train)

@@ -32,6 +32,7 @@ from absl import logging
 from amended_darts_jax import (hypergrad, initializers, input_pipeline, loop, networks, ops,
                                parallel, rundir, spaces, training, validation)
 from amended_darts_jax import metrics as metrics_lib
+from amended_darts_jax.errors import ConfigError
 from amended_darts_jax.cpu import dispatch
 
 # Fields of the retraining, besides loop.RESUMABLE_FIELDS, that may change between
@@ -66,6 +67,15 @@ class TrainConfig:
 
 
 def make_model(cfg, genotype: spaces.Genotype, num_classes: int):
+  if genotype.is_nb201:
+    if cfg.auxiliary:
+      raise ConfigError("NAS-Bench-201's network has no auxiliary head: set "
+                        "--config.auxiliary=False (configs/train_nb201.py does)")
+    if cfg.layers % 3:
+      raise ConfigError(f"NAS-Bench-201's network has three stages of equal depth, so layers "
+                        f"must be a multiple of 3; got {cfg.layers}")
+    return networks.NB201Network(genotype, C=cfg.init_channels, layers=cfg.layers,
+                                 num_classes=num_classes, act=cfg.activation)
   layers = len(genotype.cells) if genotype.per_cell else cfg.layers
   cls = networks.NetworkImageNet if cfg.dataset in IMAGENET_LIKE else networks.NetworkCIFAR
   return cls(genotype, C=cfg.init_channels, layers=layers, num_classes=num_classes,
@@ -73,11 +83,11 @@ def make_model(cfg, genotype: spaces.Genotype, num_classes: int):
 
 
 def make_optimizer(cfg, steps_per_epoch: int):
-  """SGD with momentum; per-epoch cosine to lr_min (CIFAR) or linear to 0 (ImageNet)."""
+  """SGD with (optionally Nesterov) momentum; per-epoch cosine to lr_min (CIFAR) or linear to 0 (ImageNet)."""
   lr_fn = training.epoch_schedule(cfg.lr, cfg.lr_min, cfg.epochs, steps_per_epoch,
                                   cfg.lr_schedule)
   return training.sgd(lr_fn, grad_clip=cfg.grad_clip, weight_decay=cfg.weight_decay,
-                      momentum=cfg.momentum), lr_fn
+                      momentum=cfg.momentum, nesterov=cfg.nesterov), lr_fn
 
 
 def train_config(cfg, model, steps_per_epoch: int) -> TrainConfig:
@@ -142,9 +152,9 @@ def eval_step(model, params, batch_stats, batch):
 def validate_config(cfg) -> None:
   """Checks every field that can be checked without a JAX backend; ConfigError names the first bad one."""
   positive = ("epochs", "batch_size", "init_channels", "layers", "log_every", "checkpoint_every",
-              "lr", "grad_clip", "image_size")
-  non_negative = ("lr_min", "weight_decay", "auxiliary_weight", "max_steps", "eval_every_epochs",
-                  "crop_padding", "cutout", "seed")
+              "lr", "image_size")
+  non_negative = ("grad_clip", "lr_min", "weight_decay", "auxiliary_weight", "max_steps",
+                  "eval_every_epochs", "crop_padding", "cutout", "seed")
   validation.check(cfg, {
       "dataset": validation.one_of(input_pipeline.DATASETS),
       "lr_schedule": validation.one_of(training.SCHEDULES),

@@ -37,12 +37,14 @@ def epoch_schedule(lr: float, lr_min: float, epochs: int, steps_per_epoch: int,
 
 
 def sgd(lr_fn: Callable[[jax.Array], jax.Array], *, grad_clip: float, weight_decay: float,
-        momentum: float) -> optax.GradientTransformation:
+        momentum: float, nesterov: bool = False) -> optax.GradientTransformation:
   """PyTorch's SGD as DARTS runs it: clip the raw gradient's global norm, add the
-  decay, then momentum."""
-  clip = optax.stateless(lambda g, _: hypergrad.tree_clip_by_norm(g, grad_clip))
+  decay, then momentum (`nesterov`: PyTorch's Nesterov form, as NAS-Bench-201 trains).
+  `grad_clip=0` does not clip."""
+  clip = (optax.stateless(lambda g, _: hypergrad.tree_clip_by_norm(g, grad_clip)) if grad_clip
+          else optax.identity())
   return optax.chain(clip, optax.add_decayed_weights(weight_decay),
-                     optax.sgd(lr_fn, momentum=momentum))
+                     optax.sgd(lr_fn, momentum=momentum, nesterov=nesterov))
 
 
 def drop_path_rate(prob: float, step, steps_per_epoch: int, epochs: int):

@@ -4,7 +4,8 @@
 With the `dot` program on PATH graphviz lays the cells out; otherwise matplotlib
 draws the same graph (inputs left, nodes in a column, output right). Shared
 genotypes give a normal and a reduction cell side by side; per-cell genotypes
-(s2) one small panel per cell.
+(s2) one small panel per cell; NAS-Bench-201 genotypes their one cell (input 0,
+nodes 1-3, node 3 the output; `none` edges dotted).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from amended_darts_jax import spaces
 OP_COLORS = {
     "max_pool_3x3": "#8c564b", "avg_pool_3x3": "#e377c2", "skip_connect": "#7f7f7f",
     "sep_conv_3x3": "#1f77b4", "sep_conv_5x5": "#17becf", "dil_conv_3x3": "#2ca02c",
-    "dil_conv_5x5": "#bcbd22", "noise": "#d62728",
+    "dil_conv_5x5": "#bcbd22", "noise": "#d62728", "nor_conv_1x1": "#9467bd",
+    "nor_conv_3x3": "#1f77b4", "none": "#bbbbbb",
 }
 
 
@@ -26,7 +28,7 @@ OP_COLORS = {
 OP_SHORT = {
     "max_pool_3x3": "max3", "avg_pool_3x3": "avg3", "skip_connect": "skip",
     "sep_conv_3x3": "sep3", "sep_conv_5x5": "sep5", "dil_conv_3x3": "dil3",
-    "dil_conv_5x5": "dil5", "noise": "noise",
+    "dil_conv_5x5": "dil5", "noise": "noise", "nor_conv_1x1": "conv1", "nor_conv_3x3": "conv3",
 }
 
 
@@ -45,8 +47,22 @@ def _panels(genotype: spaces.Genotype) -> list[tuple[str, spaces.Gene, tuple[int
           ("reduce", genotype.reduce, genotype.reduce_concat)]
 
 
+def _nb201_dot(genotype: spaces.Genotype) -> str:
+  lines = ["digraph genotype {", "  rankdir=LR;", "  node [shape=box, style=filled];",
+           f'  label="{genotype.arch_str}";', '  s0 [label="input", fillcolor=darkseagreen2];',
+           '  s1 [label="1", fillcolor=lightblue];', '  s2 [label="2", fillcolor=lightblue];',
+           '  s3 [label="3 (output)", fillcolor=palegoldenrod];']
+  for (op, src), (_, dst) in zip(genotype.nb201, spaces.NB201_EDGES):
+    color = OP_COLORS.get(op, "black")
+    style = ", style=dotted" if op == "none" else ""
+    lines.append(f'  s{src} -> s{dst} [label="{op}", color="{color}", fontcolor="{color}"{style}];')
+  return "\n".join(lines + ["}"]) + "\n"
+
+
 def to_dot(genotype: spaces.Genotype) -> str:
   """The genotype as one DOT digraph with a cluster per cell."""
+  if genotype.is_nb201:
+    return _nb201_dot(genotype)
   lines = ["digraph genotype {", "  rankdir=LR;", "  node [shape=box, style=filled];"]
   for p, (title, gene, concat) in enumerate(_panels(genotype)):
     pre = f"p{p}_"
@@ -113,10 +129,45 @@ def _draw_cell(ax, gene, concat, short=False):
   ax.set_ylim(-0.02, 1.02)
 
 
+def _draw_nb201(ax, genotype: spaces.Genotype) -> None:
+  """Input, nodes 1 and 2 and the output on a line; one-hop edges straight along it,
+  two-hop edges arcing above, the input-to-output edge below; `none` dotted."""
+  pos = {i: (0.12 + 0.25 * i, 0.5) for i in range(4)}
+  for (op, src), (_, dst) in zip(genotype.nb201, spaces.NB201_EDGES):
+    hops, color = dst - src, OP_COLORS.get(op, "black")
+    rad = {1: 0.0, 2: -0.6, 3: 0.45}[hops]
+    ax.annotate("", xy=pos[dst], xytext=pos[src],
+                arrowprops=dict(arrowstyle="-|>", color=color, lw=1.6, shrinkA=14, shrinkB=14,
+                                linestyle=":" if op == "none" else "-",
+                                connectionstyle=f"arc3,rad={rad}"))
+    x = 0.5 * (pos[src][0] + pos[dst][0])
+    y = 0.5 + {1: 0.04, 2: 0.16 + 0.05 * src, 3: -0.17}[hops]
+    ax.text(x, y, op, color=color, fontsize=8, ha="center", va="center",
+            bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.85))
+  for i, (x, y) in pos.items():
+    label = {0: "input", 3: "output"}.get(i, str(i))
+    fc = "#d9ead3" if i == 0 else "#fff2cc" if i == 3 else "#cfe2f3"
+    ax.text(x, y, label, ha="center", va="center", fontsize=9,
+            bbox=dict(boxstyle="round,pad=0.35", fc=fc, ec="0.3"))
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0.2, 0.8)
+  ax.set_title(genotype.arch_str, fontsize=8)
+
+
 def _draw_matplotlib(genotype: spaces.Genotype, png: str, svg: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
+  if genotype.is_nb201:
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    ax.axis("off")
+    _draw_nb201(ax, genotype)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    fig.savefig(svg)
+    plt.close(fig)
+    return
 
   panels = _panels(genotype)
   shared = not genotype.per_cell  # two large panels with full names, else a grid of small ones

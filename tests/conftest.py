@@ -7,8 +7,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
+import dataclasses
+
 import jax
 import pytest
+
+LIGHT_SPACE = "light_s2"
+
+
+@pytest.fixture(scope="module")
+def light_space():
+  """s2's layout with skip_connect and avg_pool_3x3 (registered for the module, then
+  removed): an edge that drop-path spares and one it drops, in programs that compile
+  in seconds. Returns the space's name."""
+  from amended_darts_jax import spaces
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(spaces.SPACES, LIGHT_SPACE, dataclasses.replace(
+        spaces.get_space("s2"), name=LIGHT_SPACE, ops=("skip_connect", "avg_pool_3x3")))
+    yield LIGHT_SPACE
 
 
 @pytest.fixture

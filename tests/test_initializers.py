@@ -9,7 +9,7 @@ from amended_darts_jax import initializers, supernet
 
 def test_host_init_follows_the_declared_initializers():
   """initializers.init_variables draws what module.init would: same tree, constants, bounds."""
-  model = supernet.Supernet("s2", C=4, layers=3, num_classes=5)
+  model = supernet.Supernet("s2", C=4, layers=2, num_classes=5)  # cell 1 after a reduction
   x = jnp.zeros((2, 8, 8, 3))
   alpha = model.init_alpha(jax.random.PRNGKey(0))
   host = initializers.init_variables(model, 0, x, alpha, train=False)

@@ -85,7 +85,7 @@ def test_space_structure():
 
 
 def test_unknown_space_lists_known_ones():
-  with pytest.raises(spaces.SpaceError, match="unknown search space 'nas101'.*darts, rdarts_s1, rdarts_s2, rdarts_s3, rdarts_s4, s1, s2"):
+  with pytest.raises(spaces.SpaceError, match="unknown search space 'nas101'.*darts, nb201, rdarts_s1, rdarts_s2, rdarts_s3, rdarts_s4, s1, s2"):
     spaces.get_space("nas101")
 
 
@@ -230,6 +230,11 @@ def test_sampled_architectures_are_valid_in_every_space(name):
   kept = {op for op in space.ops if op != "none"}
   for _ in range(20):
     genotype = space.sample_genotype(rng, layers=5)
+    spaces.Genotype.from_dict(genotype.to_dict())  # it survives its own JSON form
+    if space.cell == "nb201":  # one op per edge, `none` included, sources in the fixed order
+      assert [src for _, src in genotype.nb201] == [src for src, _ in space.edges]
+      assert all(op in space.ops for op, _ in genotype.nb201)
+      continue
     genes = genotype.cells if space.per_cell else (genotype.normal, genotype.reduce)
     assert len(genes) == (5 if space.per_cell else 2)
     for gene in genes:
@@ -242,7 +247,6 @@ def test_sampled_architectures_are_valid_in_every_space(name):
           assert len(set(sources)) == 2 and all(0 <= s < node + 2 for s in sources)
         else:  # the fixed edges, in order
           assert [(src, node) for src in sources] == [e for e in space.edges if e[1] == node]
-    spaces.Genotype.from_dict(genotype.to_dict())  # and it survives its own JSON form
 
 
 def test_sampler_draws_every_architecture_equally_often():

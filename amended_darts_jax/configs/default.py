@@ -26,7 +26,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   # What to search.
-  c.space = "s2"  # darts | s1 | s2 | s2_all
+  c.space = "s2"  # darts | s1 | s2 | s2_all | rdarts_s1 ... rdarts_s4 | nb201 (spaces.py)
   c.dataset = "digits"  # digits | mnist5k (embedded) | cifar10 | cifar100
   c.data_dir = ""  # tfds data_dir; "" is tfds' default
   c.download = False  # let tfds try to download and prepare (needs TensorFlow)
@@ -56,8 +56,9 @@ def get_config():
   c.lr = 0.025
   c.lr_min = 0.001
   c.momentum = 0.9
+  c.nesterov = False  # Nesterov momentum in the weight step (NAS-Bench-201's searches use it)
   c.weight_decay = 3e-4
-  c.grad_clip = 5.0
+  c.grad_clip = 5.0  # global norm; 0: no clipping
   c.arch_lr = 3e-3  # DARTS: 3e-4 (configs/cifar10_darts.py); see the docstring
   c.arch_beta1 = 0.5
   c.arch_beta2 = 0.999
@@ -88,4 +89,7 @@ def get_config():
   c.num_processes = 0
   c.process_id = -1
   c.compilation_cache_dir = "~/.cache/amended_darts_jax/xla"  # "" turns the cache off
+  # nb201 only: the NAS-Bench-201 file whose record of the searched cell is written to
+  # nb201_lookup.json (its pip API needed, nb201.py); "": no look-up.
+  c.nb201_benchmark = ""
   return c

@@ -35,8 +35,9 @@ def get_config():
   c.lr_schedule = "cosine"  # cosine (to lr_min) | linear (to 0)
   c.lr_min = 0.0
   c.momentum = 0.9
+  c.nesterov = False
   c.weight_decay = 3e-4
-  c.grad_clip = 5.0
+  c.grad_clip = 5.0  # global norm; 0: no clipping
   c.label_smoothing = 0.0
   c.ema_decay = 0.0  # exponential moving average of the weights; 0: off
   c.seed = 0
