@@ -138,6 +138,9 @@ def test_supernet_at_a_one_hot_alpha_is_the_benchmarks_cell(x64):
 
 
 def test_config_errors_are_one_sentence(tmp_path):
+  from amended_darts_jax.configs import nb201 as nb201_search
+  search.validate_config(nb201_search.get_config())  # the shipped configs are valid
+  train.validate_config(train_nb201.get_config())
   cfg = search_config(layers=4)
   with pytest.raises(ConfigError, match="multiple of 3; got 4"):
     search.validate_config(cfg)
