@@ -193,6 +193,26 @@ class NB201Cell(nn.Module):
     return states[-1]
 
 
+def nb201_skeleton(x_NHWC, C, layers, act, train, cell):
+  """NAS-Bench-201's macro skeleton up to the pooling, called inside a compact
+  method: a C-channel stem, three stages of layers / 3 cells with a residual
+  reduction block between stages (channels doubled), then BN-act. `cell(i, c, x)`
+  applies cell i at c channels; the search and the retraining network differ
+  only there."""
+  x = nn.Conv(C, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+              kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
+  x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
+  c, i = C, 0
+  for stage in range(3):
+    if stage:
+      c *= 2
+      x = ops.ResNetBlock(c, act, name=f"block{stage}")(x, train)
+    for _ in range(layers // 3):
+      x = cell(i, c, x)
+      i += 1
+  return ops.activation(act)(batch_norm.batch_norm(train, affine=True, name="last_bn")(x))
+
+
 class NB201Network(nn.Module):
   """NAS-Bench-201's network: stem, three stages of layers / 3 cells, with its
   residual block between them, BN-ReLU, global pooling, classifier (C=16, 15 cells
@@ -210,19 +230,9 @@ class NB201Network(nn.Module):
     if self.layers % 3:
       raise spaces.GenotypeError(f"NAS-Bench-201's network has three stages of equal depth, "
                                  f"so layers must be a multiple of 3; got {self.layers}")
-    x = nn.Conv(self.C, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
-    x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
-    c, i = self.C, 0
-    for stage in range(3):
-      if stage:
-        c *= 2
-        x = ops.ResNetBlock(c, self.act, name=f"block{stage}")(x, train)
-      for _ in range(self.layers // 3):
-        x = NB201Cell(self.genotype.nb201, c, self.act, name=f"cell{i}")(x, drop_path_rate,
-                                                                        train)
-        i += 1
-    x = ops.activation(self.act)(batch_norm.batch_norm(train, affine=True, name="last_bn")(x))
+    cell = lambda i, c, x: NB201Cell(self.genotype.nb201, c, self.act, name=f"cell{i}")(
+        x, drop_path_rate, train)
+    x = nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell)
     return _classifier(self.num_classes, x), None
 
 

@@ -83,6 +83,36 @@ EdgeGroup = nn.vmap(MixedOp, in_axes=(None, 0, None), out_axes=0,
                     split_rngs={"params": True, "dropout": True})
 
 
+def mixed_edges(x, src, edges, ops_of, features, stride, weights_ExO, drop_path_rate, add, *,
+                edge_groups, **mixed):
+  """The mixed operations of the edges that leave state `src` (input `x`), each
+  output handed to `add(destination, y)`; called inside a cell's compact method.
+
+  With `edge_groups`, one EdgeGroup per set of operations (one set, and one
+  group, unless the space gives each edge its own operations), named
+  `stacked_from<src>`; otherwise one MixedOp per edge, `edge<e>`. `mixed` holds
+  the MixedOp fields shared by every edge (train, act, ...).
+  """
+  leaving = [e for e, (s, _) in enumerate(edges) if s == src]
+  if not edge_groups:
+    for e in leaving:
+      add(edges[e][1], MixedOp(ops_of(e), features, stride, name=f"edge{e}", **mixed)(
+          x, weights_ExO[e], drop_path_rate))
+    return
+  groups = {}
+  for e in leaving:
+    groups.setdefault(ops_of(e), []).append(e)
+  for k, (op_names, group) in enumerate(groups.items()):
+    suffix = f"_{k}" if len(groups) > 1 else ""
+    # A group of one edge has no per-edge inputs to speak of (vmap of size 1
+    # batches the dense depthwise form into a plain convolution).
+    y_ENHWC = EdgeGroup(op_names, features, stride, in_edge_group=len(group) > 1,
+                        name=f"{initializers.STACKED_PREFIX}from{src}{suffix}", **mixed)(
+                            x, weights_ExO[np.asarray(group)], drop_path_rate)
+    for i, e in enumerate(group):
+      add(edges[e][1], y_ENHWC[i])
+
+
 class SearchCell(nn.Module):
   """A cell of the supernet: preprocess both inputs, then each node sums its mixed edges."""
   space: spaces.SearchSpace
@@ -111,33 +141,12 @@ class SearchCell(nn.Module):
     def add(dst, y):
       node_sums[dst] = y if node_sums[dst] is None else node_sums[dst] + y
 
-    ops_of = lambda e: self.space.ops_of(e, self.reduction)
-
-    def edges_from(src):
-      leaving = [e for e, (s, _) in enumerate(self.space.edges) if s == src]
-      stride = 2 if self.reduction and src < 2 else 1
-      if not self.edge_groups:
-        for e in leaving:
-          add(self.space.edges[e][1],
-              MixedOp(ops_of(e), c, stride, train, self.act, self.conv_pool_impl,
-                      drop_path=self.drop_path, name=f"edge{e}")(
-                          states[src], weights_ExO[e], drop_path_rate))
-        return
-      # One group per set of operations (one set, and one group, unless the space
-      # gives each edge its own operations).
-      groups = {}
-      for e in leaving:
-        groups.setdefault(ops_of(e), []).append(e)
-      for k, (op_names, group) in enumerate(groups.items()):
-        suffix = f"_{k}" if len(groups) > 1 else ""
-        # A group of one edge has no per-edge inputs to speak of (vmap of size 1
-        # batches the dense depthwise form into a plain convolution).
-        y_ENHWC = EdgeGroup(op_names, c, stride, train, self.act, self.conv_pool_impl,
-                            in_edge_group=len(group) > 1, drop_path=self.drop_path,
-                            name=f"{initializers.STACKED_PREFIX}from{src}{suffix}")(
-                                states[src], weights_ExO[np.asarray(group)], drop_path_rate)
-        for i, e in enumerate(group):
-          add(self.space.edges[e][1], y_ENHWC[i])
+    mixed = dict(train=train, act=self.act, conv_pool_impl=self.conv_pool_impl,
+                 drop_path=self.drop_path)
+    edges_from = lambda src: mixed_edges(
+        states[src], src, self.space.edges, lambda e: self.space.ops_of(e, self.reduction), c,
+        2 if self.reduction and src < 2 else 1, weights_ExO, drop_path_rate, add,
+        edge_groups=self.edge_groups, **mixed)
 
     edges_from(0)
     edges_from(1)
@@ -151,8 +160,8 @@ class NB201SearchCell(nn.Module):
   """NAS-Bench-201's cell in search: node j sums the mixed ops of every earlier state.
 
   State 0 is the input; the output is node 3. Non-affine batch norm, no BN
-  after the pools, no preprocessing (the benchmark's search cell). Edge groups
-  as in SearchCell: the edges leaving a state as one vmapped MixedOp.
+  after the pools, no preprocessing (the benchmark's search cell). Edges as in
+  SearchCell (`mixed_edges`).
   """
   space: spaces.SearchSpace
   features: int
@@ -164,22 +173,16 @@ class NB201SearchCell(nn.Module):
 
   @nn.compact
   def __call__(self, x, weights_ExO, drop_path_rate=0.0):
-    c, edges = self.features, self.space.edges
     states, node_sums = [x], {}
-    mixed = dict(train=self.train, act=self.act, conv_pool_impl=self.conv_pool_impl,
-                 drop_path=self.drop_path, pool_bn=False)
+
+    def add(dst, y):
+      node_sums[dst] = y if dst not in node_sums else node_sums[dst] + y
+
     for src in range(self.space.steps):
-      leaving = [e for e, (s, _) in enumerate(edges) if s == src]
-      if self.edge_groups and len(leaving) > 1:
-        ys = EdgeGroup(self.space.ops, c, 1, in_edge_group=True,
-                       name=f"{initializers.STACKED_PREFIX}from{src}", **mixed)(
-                           states[src], weights_ExO[np.asarray(leaving)], drop_path_rate)
-      else:
-        ys = [MixedOp(self.space.ops, c, 1, name=f"edge{e}", **mixed)(
-            states[src], weights_ExO[e], drop_path_rate) for e in leaving]
-      for e, y in zip(leaving, ys):
-        dst = edges[e][1]
-        node_sums[dst] = y if dst not in node_sums else node_sums[dst] + y
+      mixed_edges(states[src], src, self.space.edges, lambda e: self.space.ops, self.features,
+                  1, weights_ExO, drop_path_rate, add, edge_groups=self.edge_groups,
+                  train=self.train, act=self.act, conv_pool_impl=self.conv_pool_impl,
+                  drop_path=self.drop_path, pool_bn=False)
       states.append(node_sums[src + 1])  # every edge into node src + 1 is in
     return states[-1]
 
@@ -250,19 +253,10 @@ class Supernet(nn.Module):
                               f"multiple of 3; got {self.layers}")
     if self.auxiliary:
       raise spaces.SpaceError("NAS-Bench-201's network has no auxiliary head")
-    x = nn.Conv(self.C, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
-    x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
     weights_ExO = jax.nn.softmax(self.space.cell_alpha(alpha, 0, False), axis=-1)
     cell_cls = nn.remat(NB201SearchCell) if self.remat else NB201SearchCell
-    c, i = self.C, 0
-    for stage in range(3):
-      if stage:
-        c *= 2
-        x = ops.ResNetBlock(c, self.act, name=f"block{stage}")(x, train)
-      for _ in range(self.layers // 3):
-        x = cell_cls(self.space, c, train, self.act, self.conv_pool_impl, self.edge_groups,
-                     self.drop_path, name=f"cell{i}")(x, weights_ExO, drop_path_rate)
-        i += 1
-    x = ops.activation(self.act)(batch_norm.batch_norm(train, affine=True, name="last_bn")(x))
+    cell = lambda i, c, x: cell_cls(self.space, c, train, self.act, self.conv_pool_impl,
+                                    self.edge_groups, self.drop_path, name=f"cell{i}")(
+                                        x, weights_ExO, drop_path_rate)
+    x = networks.nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell)
     return self._classify(x, train)
