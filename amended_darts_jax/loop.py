@@ -144,7 +144,8 @@ class Run:
 
     `batches` yields each step's host batches from start_step on. Hooks:
     `before_step(step, state, *batches)` (the batches on the mesh) before a step;
-    `after_average(done, averaged)` on each logging interval's mean metrics;
+    `after_average(done, averaged)` on each logging interval's mean metrics (an
+    interval ends every log_every steps, at each epoch's end and at each checkpoint);
     `at_epoch_end(done, epoch, state)` at each epoch's last step and the run's
     last; `describe(averaged)` is the middle of the log line. The checkpointer and
     the writer are closed on the way out, whatever happens.
@@ -161,7 +162,10 @@ class Run:
         since += 1
         done = step + 1
         epoch_end = done % schedule.steps_per_epoch == 0 or done == schedule.total_steps
-        if done % schedule.log_every == 0 or epoch_end:
+        checkpoint_now = done % schedule.checkpoint_every == 0 or done == schedule.total_steps
+        # A checkpoint ends a logging interval too, so that a resumed run's intervals
+        # (and their means) are a straight run's.
+        if done % schedule.log_every == 0 or epoch_end or checkpoint_now:
           averaged = metrics_lib.mean_of(pending)
           pending = []
           if after_average is not None:
@@ -178,7 +182,7 @@ class Run:
                        rundir.hms((schedule.total_steps - done) / max(rate, 1e-9)))
         if epoch_end and at_epoch_end is not None:
           at_epoch_end(done, schedule.epoch_of(done), state)
-        if done % schedule.checkpoint_every == 0 or done == schedule.total_steps:
+        if checkpoint_now:
           self.checkpoint(state)
     finally:
       self.close()

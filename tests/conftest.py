@@ -27,6 +27,26 @@ def light_space():
     yield LIGHT_SPACE
 
 
+# A cheap genotype (one convolution, pools and skips) so that a retraining network
+# compiles in seconds.
+_GENE = (("sep_conv_3x3", 0), ("skip_connect", 1), ("max_pool_3x3", 0), ("skip_connect", 2),
+         ("avg_pool_3x3", 1), ("skip_connect", 3), ("skip_connect", 0), ("max_pool_3x3", 4))
+
+
+@pytest.fixture
+def tiny_genotype():
+  from amended_darts_jax import spaces
+  return spaces.Genotype(normal=_GENE, reduce=_GENE)
+
+
+@pytest.fixture
+def genotype_path(tmp_path, tiny_genotype):
+  """tiny_genotype saved as genotype.json under the test's tmp_path."""
+  path = tmp_path / "genotype.json"
+  tiny_genotype.save(str(path))
+  return path
+
+
 @pytest.fixture
 def x64():
   """Enables float64 for one test and restores the previous setting after it."""

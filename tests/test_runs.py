@@ -68,10 +68,11 @@ def _each_step_once(workdir):
   return records
 
 
-# The default search (s2, amended, exact products, C=8, batch 64) in 3 cells, so
-# that the C++ kernels run at 8, 16 and 32 channels: the generic loop and a fixed one.
-SHRUNK_DEFAULT = ("--config.layers=3", "--config.epochs=2", "--config.max_steps=12",
-                  "--config.checkpoint_every=4", "--config.log_every=2")
+# The default search (s2, amended, exact products, batch 64) in 2 cells at C=4 (two
+# reduction cells), so that the C++ kernels run at 8 and 16 channels: the generic loop
+# and a fixed one.
+SHRUNK_DEFAULT = ("--config.layers=2", "--config.init_channels=4", "--config.epochs=2",
+                  "--config.max_steps=8", "--config.checkpoint_every=3", "--config.log_every=2")
 
 
 def test_default_search_is_byte_identical_after_sigkill_and_resume(tmp_path, cache,
@@ -88,7 +89,7 @@ def test_default_search_is_byte_identical_after_sigkill_and_resume(tmp_path, cac
 
   killed = tmp_path / "killed"
   done = kill_after_first_checkpoint(_start("search", killed, *flags), killed)
-  assert done and done[-1] < 12
+  assert done and done[-1] < 8
   assert not (killed / "alphas.json").exists()
   assert os.path.getsize(next((killed / "tensorboard").iterdir())) > 100  # flushed at the checkpoint
   rc, _, err = _run("search", killed, *flags)
@@ -159,13 +160,14 @@ def _final_weights(workdir, cfg):
   return state
 
 
-def test_train_command_on_two_processes_equals_one_process(tmp_path, cache):
-  _two_processes("train", tmp_path / "two", (*TRAIN_FLAGS, cache))
-  rc, _, err = _run("train", tmp_path / "one", *TRAIN_FLAGS, cache, env=_env(devices=2))
+def test_train_command_on_two_processes_equals_one_process(tmp_path, cache, genotype_path):
+  flags = (*TRAIN_FLAGS, f"--config.genotype={genotype_path}", cache)
+  _two_processes("train", tmp_path / "two", flags)
+  rc, _, err = _run("train", tmp_path / "one", *flags, env=_env(devices=2))
   assert rc == 0, err[-3000:]
   from amended_darts_jax.configs import train_default
   cfg = train_default.get_config()
-  cfg.update(init_channels=4, layers=3, batch_size=16, epochs=2)
+  cfg.update(init_channels=4, layers=3, batch_size=16, epochs=2, genotype=str(genotype_path))
   two, one = _final_weights(tmp_path / "two", cfg), _final_weights(tmp_path / "one", cfg)
   assert int(two.step) == int(one.step) == 4
   for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):

@@ -16,8 +16,8 @@ from amended_darts_jax import hypergrad as hg
 
 @pytest.mark.usefixtures("x64")
 def test_supernet_through_the_cpu_kernel_equals_grouped_conv_to_second_order(monkeypatch):
-  """The darts cell (one reduction cell, all 14 edges in edge groups) with the operations
-  the kernels compute (max pooling, a separable and a dilated depthwise convolution),
+  """The darts cell (one reduction cell, all 14 edges in edge groups) with operations
+  the kernels compute (max pooling and a dilated depthwise convolution),
   float64: the alpha and weight gradients and the amended term g2' = -eta M H v
   (forward-over-reverse through edge groups' vmaps) are the same with the C++ kernel
   as with XLA's grouped convolution. (tests/test_cpu_kernels.py covers every kernel
@@ -25,7 +25,7 @@ def test_supernet_through_the_cpu_kernel_equals_grouped_conv_to_second_order(mon
   assert kernels.available(), kernels.why_unavailable()
   monkeypatch.setitem(spaces.SPACES, "kernel_ops", dataclasses.replace(
       spaces.get_space("darts"), name="kernel_ops",
-      ops=("max_pool_3x3", "sep_conv_3x3", "dil_conv_5x5")))
+      ops=("max_pool_3x3", "dil_conv_5x5")))
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1), jnp.float64)
   batch = {"image": x, "label": jnp.array([0, 1, 2, 1])}
 

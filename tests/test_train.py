@@ -15,12 +15,6 @@ from amended_darts_jax.configs import train_default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A cheap genotype (one convolution, pools and skips) so the network compiles in seconds.
-_GENE = (("sep_conv_3x3", 0), ("skip_connect", 1), ("max_pool_3x3", 0), ("skip_connect", 2),
-         ("avg_pool_3x3", 1), ("skip_connect", 3), ("skip_connect", 0), ("max_pool_3x3", 4))
-TINY_GENOTYPE = spaces.Genotype(normal=_GENE, reduce=_GENE)
-
-
 def tiny_config(genotype_path, **overrides):
   cfg = train_default.get_config()
   cfg.genotype = str(genotype_path)
@@ -32,13 +26,6 @@ def tiny_config(genotype_path, **overrides):
   for k, v in overrides.items():
     cfg[k] = v
   return cfg
-
-
-@pytest.fixture
-def genotype_path(tmp_path):
-  path = tmp_path / "genotype.json"
-  TINY_GENOTYPE.save(str(path))
-  return path
 
 
 def _setup(cfg, steps_per_epoch=10):
@@ -131,7 +118,7 @@ def _final_params(cfg, workdir):
   return int(state.step), state
 
 
-def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, genotype_path,
+def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, genotype_path, tiny_genotype,
                                                           kill_after_first_checkpoint):
   env = _env()
   flags = (*_tiny_flags(genotype_path, tmp_path / "cache"), "--config.max_steps=24",
@@ -155,20 +142,20 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, genotype_path
   assert step_a == step_b == 24
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  initial = train.initial_state(cfg, train.make_model(cfg, TINY_GENOTYPE, 10),
+  initial = train.initial_state(cfg, train.make_model(cfg, tiny_genotype, 10),
                                 train.make_optimizer(cfg, 10)[0], (8, 8, 1))
   moved = [float(np.abs(np.asarray(x) - np.asarray(y)).max())
            for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(initial.params))]
   assert max(moved) > 1e-3  # the 24 steps trained the weights
 
 
-def test_dry_run_prints_the_parameter_count(tmp_path, genotype_path):
+def test_dry_run_prints_the_parameter_count(tmp_path, genotype_path, tiny_genotype):
   proc = _cli(tmp_path / "dry", *_tiny_flags(genotype_path, ""), "--config.dry_run=True",
               env=_env())
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-2000:]
   cfg = tiny_config(genotype_path)
-  expected = train.describe_network(cfg, TINY_GENOTYPE)["params"]
+  expected = train.describe_network(cfg, tiny_genotype)["params"]
   assert f"{expected / 1e6:.3f}M parameters (auxiliary head excluded)" in out
   assert "multiply-adds" in out
   assert not (tmp_path / "dry" / "checkpoints").exists()

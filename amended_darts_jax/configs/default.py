@@ -78,7 +78,7 @@ def get_config():
 
   # Running.
   c.max_steps = 0  # stop after this many steps in all; 0: run all epochs
-  c.log_every = 10  # steps
+  c.log_every = 10  # steps between logged means (each checkpoint and epoch end also ends one)
   c.checkpoint_every = 100  # steps
   c.eval_every_epochs = 1  # full validation pass in eval mode; 0: never
   c.monitor_every = 0  # steps between gradient-quality diagnostics; 0: off
