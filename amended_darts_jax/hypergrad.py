@@ -301,6 +301,9 @@ class SolveInfo(NamedTuple):
   # definite; a ReLU network's H + wd I often is not) and stopped there.
   # MINRES: always False (it needs A symmetric only).
   negative_curvature: jax.Array = False
+  # x^T A x / x^T x at the returned x (implicit_term; NaN where not computed): below
+  # zero, the solution sits in a direction of negative curvature.
+  curvature: jax.Array = float("nan")
 
 
 SOLVERS = ("cg", "minres")
@@ -482,7 +485,9 @@ def _implicit(loss_fn, omega, alpha, batch, v, *, weight_decay, damping, maxiter
   g_w, tangent, loss_aux = linearized_grad(loss_fn, omega, alpha, batch, has_aux=has_aux)
   matvec = lambda p: _plus_shift(tangent(p)[0], shift, p)
   x, info = solve(matvec, v, solver=solver, maxiter=maxiter, tol=tol)
-  return tree_scale(-1.0, tangent(x)[1]), info, g_w, loss_aux
+  hx, mx = tangent(x)
+  curvature = tree_vdot(x, _plus_shift(hx, shift, x)) / jnp.maximum(tree_vdot(x, x), 1e-30)
+  return tree_scale(-1.0, mx), info._replace(curvature=curvature), g_w, loss_aux
 
 
 # ----------------------------------------------------------------------------
@@ -568,20 +573,22 @@ def arch_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch, *,
 
 
 def second_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, *, eta, xi,
-                 weight_decay=0.0):
+                 weight_decay=0.0, momentum_term=None):
   """The two approximations of g2 at one point, with exact products, for comparison.
 
   Returns "v" (dLv/dw at omega), "g1" (dLv/da there), "g2_amended"
   (-eta M (H + wd I) v), "g2_darts" (-xi M v' with v' = dLv/dw at the unrolled
-  w' = w - xi (dLt/dw + wd w), no momentum) and "g1_unrolled" (dLv/da at w',
-  DARTS' first term). Losses return a scalar (no aux).
+  w' = w - xi (dLt/dw + wd w + momentum_term), as DARTS' step takes it; see
+  unrolled_weights) and "g1_unrolled" (dLv/da at w', DARTS' first term). Losses
+  return a scalar (no aux).
   """
   v, g1 = jax.grad(loss_val, (0, 1))(omega, alpha, val_batch)
   # The amended term's linearization gives dLt/dw as its primal: no second pass for it.
   g2_amended, train_grad, _ = _amended(loss_train, omega, alpha, train_batch, v, eta=eta,
                                        weight_decay=weight_decay, products="exact", r=0.0,
                                        has_aux=False)
-  unrolled = unrolled_weights(train_grad, omega, xi, weight_decay=weight_decay)
+  unrolled = unrolled_weights(train_grad, omega, xi, weight_decay=weight_decay,
+                              momentum_term=momentum_term)
   v_unrolled, g1_unrolled = jax.grad(loss_val, (0, 1))(unrolled, alpha, val_batch)
   g2_darts = darts_term(loss_train, omega, alpha, train_batch, v_unrolled, xi=xi)
   return dict(v=v, g1=g1, g2_amended=g2_amended, g2_darts=g2_darts, g1_unrolled=g1_unrolled)

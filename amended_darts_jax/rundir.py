@@ -19,7 +19,8 @@ from amended_darts_jax.errors import ConfigError, UserError
 
 
 # Config fields by their earlier names: a workdir written under those still resumes.
-RENAMED_FIELDS = {"depthwise_impl": "conv_pool_impl", "batch_edges": "edge_groups"}
+RENAMED_FIELDS = {"depthwise_impl": "conv_pool_impl", "batch_edges": "edge_groups",
+                  "monitor_cg_iters": "monitor_solve_iters"}
 # Fields added later, with the value that does what a workdir written without them did.
 ADDED_FIELDS = {"holdout": 0.0, "drop_path_prob": 0.0, "dropout": 0.0, "auxiliary": False,
                 "auxiliary_weight": 0.4, "nesterov": False, "nb201_benchmark": ""}

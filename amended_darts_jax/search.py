@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -43,7 +43,8 @@ from amended_darts_jax.errors import ConfigError
 
 # Fields of the search, besides loop.RESUMABLE_FIELDS, that may change between a
 # run and its resumption.
-RESUMABLE_FIELDS = ("monitor_every", "remat")
+RESUMABLE_FIELDS = ("monitor_every", "monitor_solve_iters", "monitor_power_iters",
+                    "monitor_solver", "monitor_tol", "monitor_damping", "remat")
 
 
 @flax.struct.dataclass
@@ -84,13 +85,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Checks every field that can be checked without a JAX backend; ConfigError names the first bad one."""
   spaces.get_space(cfg.space)
   positive = ("batch_size", "epochs", "layers", "init_channels", "log_every", "checkpoint_every",
-              "lr", "arch_lr", "fd_r", "cg_maxiter", "cg_tol", "monitor_cg_iters",
-              "monitor_power_iters")
+              "lr", "arch_lr", "fd_r", "cg_maxiter", "cg_tol", "monitor_solve_iters",
+              "monitor_power_iters", "monitor_tol")
   non_negative = ("grad_clip", "eta", "max_steps", "lr_min", "weight_decay", "arch_weight_decay",
                   "damping", "eval_every_epochs", "monitor_every", "crop_padding", "cutout",
-                  "seed", "auxiliary_weight")
+                  "seed", "auxiliary_weight", "monitor_damping")
   validation.check(cfg, {
       "method": validation.one_of(hypergrad.METHODS),
+      "monitor_solver": validation.one_of(hypergrad.SOLVERS),
       "products": validation.one_of(hypergrad.PRODUCTS),
       "activation": validation.one_of(tuple(ops.ACTIVATIONS)),
       "conv_pool_impl": validation.one_of(dispatch.IMPLS),
@@ -224,15 +226,21 @@ def weight_step(sc: StepConfig, state: SearchState, train, reused=None):
   return optax.apply_updates(state.params, updates), batch_stats, w_opt_state, grad, loss, logits
 
 
+def darts_momentum_term(sc: StepConfig, state: SearchState):
+  """The weight optimizer's momentum buffer times the momentum, which DARTS folds into
+  its unrolled step (hypergrad.unrolled_weights); None without momentum."""
+  if not sc.momentum:
+    return None
+  trace = optax.tree_utils.tree_get(state.w_opt_state, "trace")
+  return hypergrad.tree_scale(sc.momentum, trace)
+
+
 def search_step(sc: StepConfig, state: SearchState, train_batch, val_batch):
   """One architecture step and one weight step; returns (new_state, metrics)."""
   loss_fn = loss_of(sc)
   train, val = search_batches(sc, state, train_batch, val_batch)
   lr = sc.lr_fn(state.step)
-  momentum_term = None
-  if sc.method == "darts":  # DARTS folds the momentum buffer into its unrolled step
-    trace = optax.tree_utils.tree_get(state.w_opt_state, "trace")
-    momentum_term = hypergrad.tree_scale(sc.momentum, trace)
+  momentum_term = darts_momentum_term(sc, state) if sc.method == "darts" else None
   g, aux = hypergrad.arch_gradient(
       loss_fn, loss_fn, state.params, state.alpha, train, val, method=sc.method,
       products=sc.products, eta=sc.eta, xi=lr, weight_decay=sc.hessian_weight_decay,
@@ -279,23 +287,38 @@ def eval_step(model: supernet.Supernet, state: SearchState, batch):
           "count": jnp.sum(batch["mask"])}
 
 
-def monitor_step(sc: StepConfig, power_iters: int, cg_iters: int, state: SearchState,
-                 train_batch, val_batch):
+class MonitorConfig(NamedTuple):
+  """The monitor's reference solve and power iteration (config fields monitor_*)."""
+  solver: str
+  solve_iters: int
+  tol: float
+  damping: float
+  power_iters: int
+
+
+def monitor_step(sc: StepConfig, mc: MonitorConfig, state: SearchState, train_batch,
+                 val_batch):
   """Gradient-quality diagnostics from exact products (off the training path).
 
-  cos(g2', g2) and cos(g2'', g2) with g2 = -M (H + wd I)^-1 v from conjugate
-  gradient, and the dominant eigenvalue of d2 Lv / dalpha2 (RobustDARTS'
-  collapse signal) by power iteration on alpha-Hessian-vector products.
+  cos(g2', g2) and cos(g2'', g2) with the reference g2 = -M (H + (wd + damping) I)^-1 v
+  solved by `mc.solver` (MINRES by default: the matrix of a ReLU network is often
+  indefinite, where conjugate gradient stops), the solve's iterations, residual and
+  the curvature x^T (H + (wd + damping) I) x / |x|^2 at its solution; g2'' as DARTS'
+  step takes it (the momentum folded into the unrolled weights); and the dominant
+  eigenvalue of d2 Lv / dalpha2 (RobustDARTS' collapse signal) by power iteration on
+  alpha-Hessian-vector products. Where the weights are far from an inner optimum the
+  reference is not the derivative of anything (docs/math.md §9).
   """
   loss_fn = loss_of(sc)
   train, val = search_batches(sc, state, train_batch, val_batch)
   wd, lr = sc.hessian_weight_decay, sc.lr_fn(state.step)
   plain = lambda w, a, b: loss_fn(w, a, b)[0]
   terms = hypergrad.second_terms(plain, plain, state.params, state.alpha, train, val,
-                                 eta=sc.eta, xi=lr, weight_decay=wd)
+                                 eta=sc.eta, xi=lr, weight_decay=wd,
+                                 momentum_term=darts_momentum_term(sc, state))
   g2, info = hypergrad.implicit_term(plain, state.params, state.alpha, train, terms["v"],
-                                     weight_decay=wd, damping=sc.damping, maxiter=cg_iters,
-                                     tol=1e-6)
+                                     weight_decay=wd, damping=mc.damping, maxiter=mc.solve_iters,
+                                     tol=mc.tol, solver=mc.solver)
   g2_amended, g2_darts = terms["g2_amended"], terms["g2_darts"]
 
   hess_alpha = lambda u: jax.jvp(lambda a: jax.grad(plain, 1)(state.params, a, val),
@@ -306,13 +329,14 @@ def monitor_step(sc: StepConfig, power_iters: int, cg_iters: int, state: SearchS
     return hypergrad.tree_scale(1.0 / jnp.maximum(hypergrad.tree_norm(hu), 1e-30), hu)
 
   u0 = jax.tree.map(lambda a: jnp.ones_like(a) / np.sqrt(a.size), state.alpha)
-  u = jax.lax.fori_loop(0, power_iters, power, hypergrad.tree_scale(
+  u = jax.lax.fori_loop(0, mc.power_iters, power, hypergrad.tree_scale(
       1.0 / hypergrad.tree_norm(u0), u0))
   eigenvalue = hypergrad.tree_vdot(u, hess_alpha(u))
   return {"cos_amended_implicit": hypergrad.tree_cosine(g2_amended, g2),
           "cos_darts_implicit": hypergrad.tree_cosine(g2_darts, g2),
           "inner_amended_implicit": hypergrad.tree_vdot(g2_amended, g2),
-          "cg_iterations": info.iterations, "cg_residual": info.relative_residual,
+          "solve_iterations": info.iterations, "solve_residual": info.relative_residual,
+          "solve_curvature": info.curvature,
           "cg_negative_curvature": jnp.asarray(info.negative_curvature, jnp.float32),
           "alpha_hessian_eigenvalue": eigenvalue}
 
@@ -402,17 +426,21 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_fn = run_.jit(functools.partial(eval_step, model), replicated=1, sharded=1)
   monitor_fn = None
   if cfg.monitor_every:
-    monitor_fn = run_.jit(functools.partial(monitor_step, sc, cfg.monitor_power_iters,
-                                            cfg.monitor_cg_iters), replicated=1, sharded=2)
+    mc = MonitorConfig(cfg.monitor_solver, cfg.monitor_solve_iters, cfg.monitor_tol,
+                       cfg.monitor_damping, cfg.monitor_power_iters)
+    monitor_fn = run_.jit(functools.partial(monitor_step, sc, mc), replicated=1, sharded=2)
   run_.begin(schedule)
-  negative_curvature = NegativeCurvatureNote(cfg.damping)
+  negative_curvature = NegativeCurvatureNote(cfg.damping, "config.damping")
+  monitor_negative_curvature = NegativeCurvatureNote(cfg.monitor_damping,
+                                                     "config.monitor_damping or use "
+                                                     "config.monitor_solver='minres'")
 
   def before_step(step, state, train_batch, val_batch):
     if monitor_fn is None or step % cfg.monitor_every:
       return
     mon = {k: float(v) for k, v in jax.device_get(monitor_fn(state, train_batch,
                                                              val_batch)).items()}
-    negative_curvature.check(mon, step, "the monitor's reference g2")
+    monitor_negative_curvature.check(mon, step, "the monitor's reference g2")
     # A cosine with a zero vector is NaN: left out of the record.
     run_.writer.write({"kind": "monitor", "step": step,
                        **{k: v for k, v in mon.items() if math.isfinite(v)}})
@@ -466,8 +494,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 class NegativeCurvatureNote:
   """Logs once per run that conjugate gradient met negative curvature, with the remedy."""
 
-  def __init__(self, damping: float):
-    self.damping, self.said = damping, False
+  def __init__(self, damping: float, remedy: str):
+    self.damping, self.remedy, self.said = damping, remedy, False
 
   def check(self, metrics: dict[str, float], step: int, what: str) -> None:
     if self.said or not metrics.get("cg_negative_curvature", 0.0) > 0:
@@ -475,8 +503,9 @@ class NegativeCurvatureNote:
     self.said = True
     logging.warning("conjugate gradient for %s met negative curvature by step %d: H + (weight "
                     "decay + damping) I is not positive definite there, so the solve is not "
-                    "H^-1 v; raise config.damping (now %g). Said once per run; the metric "
-                    "cg_negative_curvature counts it per step", what, step, self.damping)
+                    "H^-1 v; raise %s (damping now %g). Said once per run; the metric "
+                    "cg_negative_curvature counts it per step", what, step, self.remedy,
+                    self.damping)
 
 
 def _evaluate(eval_fn, state, source, info, batch_size, run_: loop.Run) -> dict[str, float]:

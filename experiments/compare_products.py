@@ -1,25 +1,29 @@
-r"""Exact versus finite-difference second-order products on a supernet.
+r"""Exact versus finite-difference second-order products along first-order searches.
 
-  python experiments/compare_products.py --out=runs/compare_products
+  python experiments/compare_products.py --out=experiments/results/compare_products \
+      --seeds=0,1,2 --points=0,5,...          # the committed study (command in experiments/README.md)
+  python experiments/compare_products.py --out=experiments/results/compare_products --from_results
   python experiments/compare_products.py --space=darts --C=16 --layers=8 --batch=64 ...  # GPU
 
-On a small supernet over the embedded digits, at initialisation and after
-`--train_steps` first-order search steps, compares the central finite
-differences of docs/math.md §5 with the exact forward-over-reverse products for a sweep
-of `r` (the step is `e = r/|v|`; r = 0.01 is DARTS' rule): `H v`, `M u` with
-`u = H v`, the amended term `g2' = -eta M H v` and the DARTS term
-`g2'' = -xi M v`. Reports the relative error `|fd - exact| / |exact|` and the
-cosine, in float32 and float64, with ReLU and with softplus. Writes
-`results.jsonl`, `error_vs_r.png` (one line per setting) and `summary.md`.
-Each activation and dtype compiles two programs (exact products; finite
-differences at a given r), reused for every point and every r. Last, the time
-and peak memory of one amended search step with exact products and with finite
-differences, side by side in one run of
-`experiments/benchmark.py` at `--bench_size` (a subprocess per measurement), go
-into the summary.
+On a small supernet over the embedded digits, at the step counts `--points`
+of a first-order search (0 is the initialisation) for each of `--seeds`,
+compares the central finite differences of docs/math.md §5 with the exact
+forward-over-reverse products for a sweep of `r` (the step is `e = r/|v|`;
+r = 0.01 is DARTS' rule): `H v`, `M u` with `u = H v`, the amended term
+`g2' = -eta M H v` and DARTS' term `g2'' = -xi M v`. The relative error
+`|fd - exact| / |exact|` and the cosine, in float32 and float64, with ReLU and
+with softplus, at the same weights (the search itself runs with ReLU in
+float32). Writes `results.csv` (one row per seed, point, activation, dtype,
+product and r), `summary.md`, `error_vs_r.png` (median and range over the
+points) and `error_along_search.png` (at r = 0.01, per seed); `--from_results`
+rebuilds the last three from `results.csv` alone. Each activation and dtype
+compiles two programs (exact products; finite differences at a given r),
+reused for every point and every r. With `--bench_size`, the time and peak
+memory of one amended search step with exact products and with finite
+differences, side by side in one run of `experiments/benchmark.py` (a
+subprocess per measurement), go into the summary.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -41,13 +45,16 @@ _SPACE = flags.DEFINE_string("space", "s2", "Search space.")
 _C = flags.DEFINE_integer("C", 4, "Initial channels.")
 _LAYERS = flags.DEFINE_integer("layers", 2, "Cells.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 30, "First-order search steps before the "
-                                    "second comparison point.")
+_POINTS = flags.DEFINE_list("points", ["0", "30"], "Step counts of the first-order search at "
+                            "which to compare (0: the initialisation).")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of the searches.")
 _RS = flags.DEFINE_list("rs", ["1e-5", "1e-4", "1e-3", "1e-2", "1e-1"], "Values of r.")
 _ETA = flags.DEFINE_float("eta", 0.1, "Amending coefficient.")
 _XI = flags.DEFINE_float("xi", 0.025, "DARTS' unrolling step (its weight learning rate).")
 _ACTS = flags.DEFINE_list("activations", ["relu", "softplus"], "Activations to compare.")
-_BENCH_SIZE = flags.DEFINE_string("bench_size", "tiny", "Size (experiments/benchmark.py) at "
+_FROM_RESULTS = flags.DEFINE_bool("from_results", False, "Only rebuild the summary and the "
+                                  "figures from results.csv.")
+_BENCH_SIZE = flags.DEFINE_string("bench_size", "", "Size (experiments/benchmark.py) at "
                                   "which to time the amended step, exact against fd, side by "
                                   "side; empty: skip.")
 _BENCH_STEPS = flags.DEFINE_integer("bench_steps", 20, "Timed steps of that benchmark.")
@@ -107,74 +114,176 @@ def _compare(programs, state, train_np, val_np, dtype, rs):
   for r in rs:
     errors, cosines, norms = jax.device_get(fd(*args, v, products, jnp.asarray(r, dtype)))
     for j, name in enumerate(PRODUCT_NAMES):
-      rows.append(dict(product=name, r=r, darts_rule=r == 0.01, rel_error=float(errors[j]),
-                       cosine=float(cosines[j]), exact_norm=float(norms[j])))
+      rows.append(dict(product=name, r=r, rel_error=float(errors[j]), cosine=float(cosines[j]),
+                       exact_norm=float(norms[j])))
   return rows
 
 
 PRODUCT_NAMES = ("Hv", "Mu", "g2_amended", "g2_darts")
 
 
-def _plot(rows, path):
+COLUMNS = ("seed", "step", "activation", "dtype", "product", "r", "rel_error", "cosine",
+           "exact_norm")
+DARTS_R = 0.01
+
+
+def _write_csv(rows, path):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(",".join(COLUMNS) + "\n")
+    for r in rows:
+      f.write(",".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
+                       for c in COLUMNS) + "\n")
+  os.replace(tmp, path)
+
+
+def _read_csv(path):
+  with open(path) as f:
+    header = f.readline().strip().split(",")
+    rows = [dict(zip(header, line.strip().split(","))) for line in f if line.strip()]
+  for r in rows:
+    r["seed"], r["step"] = int(r["seed"]), int(r["step"])
+    for c in ("r", "rel_error", "cosine", "exact_norm"):
+      r[c] = float(r[c])
+  return rows
+
+
+def _settings(rows):
+  """(activation, dtype) pairs in the order they were run."""
+  return list(dict.fromkeys((r["activation"], r["dtype"]) for r in rows))
+
+
+def _plot(rows, out):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  products = PRODUCT_NAMES
+  import numpy as np
+  settings = _settings(rows)
   fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True)
-  settings = sorted({(r["point"], r["activation"], r["dtype"]) for r in rows})
-  for ax, product in zip(axes, products):
-    for point, act, dtype in settings:
-      sel = sorted((r for r in rows if (r["point"], r["activation"], r["dtype"], r["product"])
-                    == (point, act, dtype, product)), key=lambda r: r["r"])
-      ax.loglog([r["r"] for r in sel], [max(r["rel_error"], 1e-17) for r in sel], marker="o",
-                linestyle="-" if act != "relu" else "--", label=f"{act} {dtype} {point}")
+  for ax, product in zip(axes, PRODUCT_NAMES):
+    for act, dtype in settings:
+      sel = [r for r in rows if (r["activation"], r["dtype"], r["product"]) == (act, dtype, product)]
+      rs = sorted({r["r"] for r in sel})
+      errs = [np.maximum([r["rel_error"] for r in sel if r["r"] == x], 1e-17) for x in rs]
+      line, = ax.loglog(rs, [np.median(e) for e in errs], marker="o",
+                        linestyle="-" if act != "relu" else "--", label=f"{act} {dtype}")
+      ax.fill_between(rs, [e.min() for e in errs], [e.max() for e in errs],
+                      color=line.get_color(), alpha=0.15)
     ax.set_title(f"{product}: finite difference vs exact")
     ax.set_xlabel("r (step e = r / |v|)")
     ax.grid(True, which="both", alpha=0.3)
-  axes[0].set_ylabel("relative error")
+  axes[0].set_ylabel("relative error (median, range over points)")
   axes[-1].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(os.path.join(out, "error_vs_r.png"), dpi=110)
+  plt.close(fig)
+
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+  for ax, product in zip(axes, ("g2_amended", "g2_darts")):
+    for k, (act, dtype) in enumerate(settings):
+      for seed in sorted({r["seed"] for r in rows}):
+        sel = sorted((r for r in rows if (r["activation"], r["dtype"], r["product"], r["seed"])
+                      == (act, dtype, product, seed) and r["r"] == DARTS_R),
+                     key=lambda r: r["step"])
+        ax.semilogy([r["step"] for r in sel], [max(r["rel_error"], 1e-17) for r in sel],
+                    color=f"C{k}", linestyle="-" if act != "relu" else "--", linewidth=1,
+                    label=f"{act} {dtype}" if seed == min(r["seed"] for r in rows) else None)
+    ax.set_title(f"{product} at DARTS' r = {DARTS_R}, one line per seed")
+    ax.set_xlabel("first-order search step")
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].set_ylabel("relative error of the finite difference")
+  axes[-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "error_along_search.png"), dpi=110)
+  plt.close(fig)
+
+
+def summarize(rows) -> str:
+  """The tables of summary.md, from the rows of results.csv."""
+  import numpy as np
+  seeds = sorted({r["seed"] for r in rows})
+  steps = sorted({r["step"] for r in rows})
+  rs = sorted({r["r"] for r in rows})
+  lines = [f"{len(steps)} points (steps {steps[0]} to {steps[-1]}) of first-order searches from "
+           f"seeds {', '.join(map(str, seeds))}; {len(steps) * len(seeds)} comparisons per row.",
+           "", f"At DARTS' r = {DARTS_R}: the relative error (median, and range) and the cosine "
+           "(median, and the smallest) over every point; `cos < 0`: the share of points where "
+           "the finite difference points away from the exact term.", "",
+           "| activation | dtype | product | error median | error range | cosine median | "
+           "cosine min | cos < 0 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for act, dtype in _settings(rows):
+    for product in PRODUCT_NAMES:
+      sel = [r for r in rows if (r["activation"], r["dtype"], r["product"], r["r"])
+             == (act, dtype, product, DARTS_R)]
+      if not sel:
+        continue
+      e = np.array([r["rel_error"] for r in sel])
+      c = np.array([r["cosine"] for r in sel])
+      lines.append(f"| {act} | {dtype} | {product} | {np.median(e):.2e} | {e.min():.1e} - "
+                   f"{e.max():.1e} | {np.median(c):.4f} | {c.min():.4f} | {np.mean(c < 0):.0%} |")
+  lines += ["", "The median relative error over every point, for each r:", "",
+            "| activation | dtype | product | " + " | ".join(f"r={x:g}" for x in rs) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in rs) + " |"]
+  for act, dtype in _settings(rows):
+    for product in PRODUCT_NAMES:
+      cells = []
+      for x in rs:
+        e = [r["rel_error"] for r in rows if (r["activation"], r["dtype"], r["product"], r["r"])
+             == (act, dtype, product, x)]
+        cells.append(f"{np.median(e):.1e}" if e else "-")
+      lines.append(f"| {act} | {dtype} | {product} | " + " | ".join(cells) + " |")
+  lines += ["", "The share of points where the relative error is at most 1e-3, for each r:", "",
+            "| activation | dtype | product | " + " | ".join(f"r={x:g}" for x in rs) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in rs) + " |"]
+  for act, dtype in _settings(rows):
+    for product in PRODUCT_NAMES:
+      cells = []
+      for x in rs:
+        e = np.array([r["rel_error"] for r in rows if (r["activation"], r["dtype"], r["product"],
+                                                       r["r"]) == (act, dtype, product, x)])
+        cells.append(f"{np.mean(e <= 1e-3):.0%}" if e.size else "-")
+      lines.append(f"| {act} | {dtype} | {product} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _report(rows, extra=""):
+  _plot(rows, _OUT.value)
+  summary = summarize(rows) + (f"\n\n{extra}" if extra else "")
+  path = os.path.join(_OUT.value, "summary.md")
+  with open(path + ".tmp", "w") as f:
+    f.write(summary + "\n")
+  os.replace(path + ".tmp", path)
+  print(summary)
 
 
 def main(argv):
   del argv
   os.makedirs(_OUT.value, exist_ok=True)
+  csv_path = os.path.join(_OUT.value, "results.csv")
+  if _FROM_RESULTS.value:
+    _report(_read_csv(csv_path))
+    return
   cfg = default.get_config()
   cfg.space, cfg.init_channels, cfg.layers = _SPACE.value, _C.value, _LAYERS.value
   cfg.batch_size = _BATCH.value
-  points = [(("init" if step == 0 else f"after_{step}_steps"), state, train_np, val_np)
-            for step, state, train_np, val_np, _ in common.digits_trajectory(
-                cfg, [0, _TRAIN_STEPS.value])]
+  points = []  # (seed, step, state, train batch, val batch), every search run once
+  for seed in (int(x) for x in _SEEDS.value):
+    cfg.seed = seed
+    points += [(seed, step, state, train_np, val_np) for step, state, train_np, val_np, _ in
+               common.digits_trajectory(cfg, sorted(int(p) for p in _POINTS.value))]
   rs = [float(r) for r in _RS.value]
   rows = []
-  with open(os.path.join(_OUT.value, "results.jsonl"), "w") as f:
-    for act in _ACTS.value:
-      for dtype in (jnp.float32, jnp.float64):
-        t0 = time.perf_counter()
-        programs = _programs(act, dtype, cfg)
-        for point, state, train_np, val_np in points:
-          for row in _compare(programs, state, train_np, val_np, dtype, rs):
-            row.update(point=point, activation=act, dtype=jnp.dtype(dtype).name)
-            rows.append(row)
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        print(f"{act} {jnp.dtype(dtype).name}: {time.perf_counter() - t0:.1f} s", flush=True)
-  _plot(rows, os.path.join(_OUT.value, "error_vs_r.png"))
-  lines = ["| point | activation | dtype | product | best r | error at best r | error at r=0.01 "
-           "(DARTS) | cosine at r=0.01 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for key in sorted({(r["point"], r["activation"], r["dtype"], r["product"]) for r in rows}):
-    sel = [r for r in rows if (r["point"], r["activation"], r["dtype"], r["product"]) == key]
-    best = min(sel, key=lambda r: r["rel_error"])
-    darts = next(r for r in sel if r["darts_rule"]) if any(r["darts_rule"] for r in sel) else best
-    lines.append(f"| {' | '.join(key)} | {best['r']:g} | {best['rel_error']:.2e} | "
-                 f"{darts['rel_error']:.2e} | {darts['cosine']:.6f} |")
-  if _BENCH_SIZE.value:
-    lines += ["", _benchmark()]
-  summary = "\n".join(lines)
-  with open(os.path.join(_OUT.value, "summary.md"), "w") as f:
-    f.write(summary + "\n")
-  print(summary)
+  for act in _ACTS.value:
+    for dtype in (jnp.float32, jnp.float64):
+      t0 = time.perf_counter()
+      programs = _programs(act, dtype, cfg)
+      for seed, step, state, train_np, val_np in points:
+        for row in _compare(programs, state, train_np, val_np, dtype, rs):
+          row.update(seed=seed, step=step, activation=act, dtype=jnp.dtype(dtype).name)
+          rows.append(row)
+      _write_csv(rows, csv_path)  # what is done so far, kept
+      print(f"{act} {jnp.dtype(dtype).name}: {time.perf_counter() - t0:.1f} s", flush=True)
+  _report(rows, _benchmark() if _BENCH_SIZE.value else "")
 
 
 def _benchmark() -> str:

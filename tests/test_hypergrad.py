@@ -200,6 +200,11 @@ def test_arch_gradient_methods_match_dense_formulas():
   g, aux = call(method="darts", momentum_term=mom)
   assert_close(flat(g), g1u - xi * m @ vu, rtol=1e-10)
   assert_close(flat(aux["train_grad"]), flat(gt), rtol=1e-12)
+  # The monitor's terms take DARTS' g2'' as the step does, momentum included.
+  terms = hg.second_terms(mlp_loss, mlp_loss, omega, alpha, train, val, eta=eta, xi=xi,
+                          weight_decay=wd, momentum_term=mom)
+  assert_close(flat(terms["g2_darts"]), -xi * m @ vu, rtol=1e-10)
+  assert_close(flat(terms["g1_unrolled"]), g1u, rtol=1e-10)
 
 
 def test_unknown_method_and_products_are_clear_errors():
@@ -506,6 +511,9 @@ def test_implicit_term_with_minres_equals_the_dense_solve_on_an_indefinite_hessi
                               tol=1e-13, maxiter=50)
   np.testing.assert_allclose(g2["a"], want, rtol=1e-9, atol=1e-12)
   assert float(info.relative_residual) <= 1e-12
+  x = np.linalg.solve(np.asarray(h) + wd * np.eye(6), np.asarray(v["w"]))
+  np.testing.assert_allclose(float(info.curvature), x @ (np.asarray(h) + wd * np.eye(6)) @ x
+                             / (x @ x), rtol=1e-9)
   _, info = hg.implicit_term(lt, omega, alpha, None, v, weight_decay=wd, tol=1e-13, maxiter=50)
   assert bool(info.negative_curvature)
   g, aux = hg.arch_gradient(lt, lambda w, a, b: jnp.sum(w["w"] * v["w"]), omega, alpha, None,

@@ -255,16 +255,20 @@ def test_end_to_end_search_on_8_devices(tmp_path):
 def test_end_to_end_search_on_mock_cifar10(tmp_path):
   # First order: the monitor computes its own products, whatever the method.
   cfg = tiny_config(dataset="cifar10", method="first_order", max_steps=2, crop_padding=4,
-                    flip=True, cutout=16, eval_every_epochs=0, monitor_every=1, monitor_cg_iters=3,
-                    monitor_power_iters=2)
+                    flip=True, cutout=16, eval_every_epochs=0, monitor_every=1,
+                    monitor_solve_iters=3, monitor_power_iters=2)
   with tfds.testing.mock_data(num_examples=64):
     summary = search.run(cfg, str(tmp_path))
   assert summary["steps"] == 2
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   monitors = [r for r in records if r["kind"] == "monitor"]
   assert len(monitors) == 2
+  # MINRES gives a reference wherever H + wd I is nonsingular, definite or not.
   assert all(-1.0 <= m["cos_amended_implicit"] <= 1.0 for m in monitors)
-  assert all(np.isfinite(m["alpha_hessian_eigenvalue"]) for m in monitors)
+  assert all(-1.0 <= m["cos_darts_implicit"] <= 1.0 for m in monitors)
+  assert all(m["solve_iterations"] == 3 and 0 < m["solve_residual"] <= 1 for m in monitors)
+  assert all(np.isfinite(m[k]) for m in monitors
+             for k in ("alpha_hessian_eigenvalue", "solve_curvature"))
 
 
 def test_non_finite_run_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):

@@ -82,7 +82,10 @@ def get_config():
   c.checkpoint_every = 100  # steps
   c.eval_every_epochs = 1  # full validation pass in eval mode; 0: never
   c.monitor_every = 0  # steps between gradient-quality diagnostics; 0: off
-  c.monitor_cg_iters = 50
+  c.monitor_solver = "minres"  # the reference g2's solve: minres (indefinite systems too) | cg
+  c.monitor_solve_iters = 50
+  c.monitor_tol = 1e-6  # relative residual at which the reference solve stops
+  c.monitor_damping = 0.0  # the reference solves H + (wd + monitor_damping) I
   c.monitor_power_iters = 20
   c.distributed = False  # call jax.distributed.initialize (pods, multi-process)
   c.coordinator_address = ""  # only where JAX cannot detect the cluster
