@@ -66,6 +66,16 @@ SETTINGS = {
         "RobustDARTS S2, 5 cells, 28x28 MNIST (5,000 images), arch lr 3e-3, 40 epochs",
         dict(dataset="mnist5k", space="rdarts_s2", layers=5, epochs=40, arch_lr=3e-3,
              crop_padding=2)),
+    "digits_nb201": (
+        "NAS-Bench-201's cell (shared alphas, none included), 6 cells at C=8, digits, the "
+        "benchmark's weight step (Nesterov, decay 5e-4), arch lr 3e-3, 200 epochs",
+        dict(space="nb201", layers=6, init_channels=8, epochs=200, arch_lr=3e-3, nesterov=True,
+             weight_decay=5e-4, eval_every_epochs=5)),
+    "digits_nb201_deep": (
+        "NAS-Bench-201's cell, 15 cells (the benchmark's depth) at C=4, digits, Nesterov, "
+        "decay 5e-4, arch lr 3e-3, 200 epochs",
+        dict(space="nb201", layers=15, init_channels=4, epochs=200, arch_lr=3e-3, nesterov=True,
+             weight_decay=5e-4, eval_every_epochs=5)),
 }
 
 FLAGS = flags.FLAGS
