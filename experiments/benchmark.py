@@ -9,8 +9,9 @@ space, C=16, 8 cells, batch 64, 32x32x3, 10 classes: DARTS' CIFAR-10 search) and
 `s2_search` (s2 space, 20 cells, C=16, batch 64, 32x32x3); `tiny_darts` and
 `darts_5` are the two sizes of the PyTorch comparison (`pytorch_darts.py`); `digits` is
 the default search's own (s2, 5 cells, C=8, batch 64, 8x8x1). For each method
-(`weight_only` is the weight step alone; the others are the full search step of
-`amended_darts_jax.search`) it measures the compile time, the median step time
+(`weight_only` is the weight step alone, `monitor` the search's gradient-quality
+diagnostics, `search.monitor_step`, at the default config's settings; the others
+are the full search step of `amended_darts_jax.search`) it measures the compile time, the median step time
 over `--steps` steps after `--warmup` warm-up steps, and the peak memory: device
 statistics on a GPU/TPU, the peak resident memory of the process on CPU, and on
 every backend XLA's buffer plan for the step (`memory_analysis()`: temporary
@@ -50,7 +51,7 @@ from amended_darts_jax.cpu import kernels
 from common import SIZES
 
 METHODS = ("weight_only", "first_order", "darts/exact", "darts/fd", "amended/exact",
-           "amended/fd")
+           "amended/fd", "monitor")
 
 _SIZE = flags.DEFINE_enum("size", "tiny", list(SIZES), "Named network and batch size.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), "method or method/products to measure.")
@@ -143,7 +144,8 @@ def measure_one(spec: str) -> dict:
   median_s = statistics.median(times)
   tflop_per_s = flops / median_s / 1e12
   return dict(size=_SIZE.value, **{k: size[k] for k in ("space", "C", "layers", "batch")},
-              method=method, products=products if method != "weight_only" else "",
+              method=method,
+              products=products if method not in ("weight_only", "monitor") else "",
               remat=cfg.remat, edge_groups=cfg.edge_groups,
               cpu_kernel=jax.default_backend() == "cpu" and kernels.available(),
               compile_s=round(compile_s, 2),
@@ -157,7 +159,8 @@ def measure_one(spec: str) -> dict:
               peak_share=round(tflop_per_s / _PEAK_TFLOPS.value, 4) if _PEAK_TFLOPS.value > 0
               else None,
               cifar10_epoch_min=round(common.epoch_minutes(median_s, size["batch"]), 2),
-              loss_finite=bool(np.isfinite(float(metrics["train_loss"]))),
+              loss_finite=bool(np.isfinite(float(metrics["train_loss"] if "train_loss" in metrics
+                                                 else metrics["alpha_hessian_eigenvalue"]))),
               device=jax.devices()[0].device_kind, backend=jax.default_backend())
 
 

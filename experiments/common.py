@@ -75,7 +75,16 @@ def setup(size_name, *, method="amended", products="exact", remat=False, conv_po
 def step_fn(sc, method):
   """The step `benchmark.py` times for `method`, as a function (state, train, val) ->
   (state, metrics) to jit: `weight_only` is the weight step alone (SGD on the
-  training gradient), any other method the full `search.search_step`."""
+  training gradient), `monitor` the search's gradient-quality diagnostics at the
+  default config's monitor settings (search.monitor_step; the state passes through),
+  any other method the full `search.search_step`."""
+  if method == "monitor":
+    from amended_darts_jax.configs import default
+    c = default.get_config()
+    mc = search.MonitorConfig(c.monitor_solver, c.monitor_solve_iters, c.monitor_tol,
+                              c.monitor_damping, c.monitor_power_iters)
+    return lambda state, train_batch, val_batch: (
+        state, search.monitor_step(sc, mc, state, train_batch, val_batch))
   if method != "weight_only":
     return lambda state, train_batch, val_batch: search.search_step(sc, state, train_batch,
                                                                     val_batch)
@@ -96,7 +105,7 @@ def setup_step(size_name, spec, **overrides):
   method, _, products = spec.partition("/")
   products = products or "exact"
   size, cfg, sc, state, make_batch = setup(
-      size_name, method="first_order" if method == "weight_only" else method,
+      size_name, method="first_order" if method in ("weight_only", "monitor") else method,
       products=products, **overrides)
   return method, products, size, cfg, state, make_batch, step_fn(sc, method)
 
