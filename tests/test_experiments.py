@@ -1,10 +1,11 @@
 """The experiment scripts' own logic: the kernel profile reads XLA's real output; the
-benchmark's FLOP count and epoch extrapolation; the collapse table and figure are rebuilt
-from the committed raw results."""
+benchmark's FLOP count and epoch extrapolation; the collapse table and the studies' tables
+and figures are rebuilt from the committed raw results."""
 
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -17,7 +18,8 @@ import collapse_settings  # noqa: E402
 import common  # noqa: E402
 import profile_kernels  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "..", "experiments", "results")
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+RESULTS = os.path.join(EXPERIMENTS, "results")
 
 
 def test_attribution_of_op_names():
@@ -92,3 +94,23 @@ def test_collapse_table_and_figure_are_rebuilt_from_the_committed_results(tmp_pa
     assert row.endswith("| yes |" if collapse_settings.collapsed(last) else "| no |")
   collapse_settings.figure(str(tmp_path), str(tmp_path / "skip_weight.png"))
   assert os.path.getsize(tmp_path / "skip_weight.png") > 10_000
+
+
+@pytest.mark.parametrize("script, results, raw, figures", [
+    ("compare_products.py", "compare_products", "results.csv",
+     ("error_vs_r.png", "error_along_search.png")),
+    ("angle_study.py", "angle_study", "results.jsonl", ("angles.png",)),
+])
+def test_study_tables_and_figures_are_rebuilt_from_the_committed_rows(tmp_path, script, results,
+                                                                      raw, figures):
+  """`--from_results` rebuilds summary.md, as committed, and the figures from the raw rows
+  alone (in a subprocess: the scripts switch float64 on at import)."""
+  source = os.path.join(RESULTS, results)
+  shutil.copy(os.path.join(source, raw), tmp_path)
+  proc = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, script),
+                         f"--out={tmp_path}", "--from_results"], capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "summary.md").read_text() == open(os.path.join(source, "summary.md")).read()
+  for name in figures:
+    assert os.path.getsize(tmp_path / name) > 10_000
