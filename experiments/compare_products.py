@@ -1,7 +1,7 @@
 r"""Exact versus finite-difference second-order products along first-order searches.
 
   python experiments/compare_products.py --out=experiments/results/compare_products \
-      --seeds=0,1,2 --points=0,5,...          # the committed study (command in experiments/README.md)
+      --seeds=0,1,2 --points=0,15,...,240     # the committed study: experiments/README.md
   python experiments/compare_products.py --out=experiments/results/compare_products --from_results
   python experiments/compare_products.py --space=darts --C=16 --layers=8 --batch=64 ...  # GPU
 
@@ -162,7 +162,8 @@ def _plot(rows, out):
   fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True)
   for ax, product in zip(axes, PRODUCT_NAMES):
     for act, dtype in settings:
-      sel = [r for r in rows if (r["activation"], r["dtype"], r["product"]) == (act, dtype, product)]
+      sel = [r for r in rows
+             if (r["activation"], r["dtype"], r["product"]) == (act, dtype, product)]
       rs = sorted({r["r"] for r in sel})
       errs = [np.maximum([r["rel_error"] for r in sel if r["r"] == x], 1e-17) for x in rs]
       line, = ax.loglog(rs, [np.median(e) for e in errs], marker="o",
