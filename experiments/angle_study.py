@@ -176,6 +176,22 @@ def _summary(rows, etas) -> str:
     lines.append(head + " | ".join(f"{med(k, good):+.3f}" for k in keys)
                  + f" | {sum(r['inner_amended_negative'] for r in good)}/{len(good)}"
                  f" | {sum(r['inner_darts_negative'] for r in good)}/{len(good)} |")
+  # By distance from stationarity: the paper's assumption is that the weights are near w*.
+  edges = (0.0, 0.1, 0.3, 1.0, float("inf"))
+  lines += ["", "The converged solves by distance from stationarity |dLt/dw + wd w| (medians):",
+            "", "| damping | distance | points | cos(g2', g2) | cos(g2'', g2) | cos(-M v, g2) | "
+            "cos(g1 + g2' (eta 0.1), g) | <g2', g2> < 0 | <g2'', g2> < 0 |",
+            "|" + " --- |" * 9]
+  for damping in sorted({r["damping"] for r in rows}):
+    good = [r for r in rows if r["damping"] == damping and _converged(r)]
+    for lo, hi in zip(edges, edges[1:]):
+      sel = [r for r in good if lo <= r["stationarity"] < hi]
+      if sel:
+        lines.append(f"| {damping:g} | [{lo:g}, {hi:g}) | {len(sel)} | "
+                     + " | ".join(f"{med(k, sel):+.3f}" for k in (
+                         "cos_amended", "cos_darts", "cos_minus_mv", "cos_full_amended_eta0.1"))
+                     + f" | {sum(r['inner_amended_negative'] for r in sel)}/{len(sel)}"
+                     f" | {sum(r['inner_darts_negative'] for r in sel)}/{len(sel)} |")
   return "\n".join(lines)
 
 
