@@ -153,6 +153,21 @@ def _settings(rows):
   return list(dict.fromkeys((r["activation"], r["dtype"]) for r in rows))
 
 
+def _select(rows, act, dtype, product, r=None):
+  """The rows of one setting and product (at one r where given)."""
+  return [x for x in rows if (x["activation"], x["dtype"], x["product"]) == (act, dtype, product)
+          and (r is None or x["r"] == r)]
+
+
+def _finish(fig, axes, ylabel, path):
+  axes[0].set_ylabel(ylabel)
+  axes[-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  import matplotlib.pyplot as plt
+  plt.close(fig)
+
+
 def _plot(rows, out):
   import matplotlib
   matplotlib.use("Agg")
@@ -162,8 +177,7 @@ def _plot(rows, out):
   fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True)
   for ax, product in zip(axes, PRODUCT_NAMES):
     for act, dtype in settings:
-      sel = [r for r in rows
-             if (r["activation"], r["dtype"], r["product"]) == (act, dtype, product)]
+      sel = _select(rows, act, dtype, product)
       rs = sorted({r["r"] for r in sel})
       errs = [np.maximum([r["rel_error"] for r in sel if r["r"] == x], 1e-17) for x in rs]
       line, = ax.loglog(rs, [np.median(e) for e in errs], marker="o",
@@ -173,30 +187,41 @@ def _plot(rows, out):
     ax.set_title(f"{product}: finite difference vs exact")
     ax.set_xlabel("r (step e = r / |v|)")
     ax.grid(True, which="both", alpha=0.3)
-  axes[0].set_ylabel("relative error (median, range over points)")
-  axes[-1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "error_vs_r.png"), dpi=110)
-  plt.close(fig)
+  _finish(fig, axes, "relative error (median, range over points)",
+          os.path.join(out, "error_vs_r.png"))
 
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+  first_seed = min(r["seed"] for r in rows)
   for ax, product in zip(axes, ("g2_amended", "g2_darts")):
     for k, (act, dtype) in enumerate(settings):
       for seed in sorted({r["seed"] for r in rows}):
-        sel = sorted((r for r in rows if (r["activation"], r["dtype"], r["product"], r["seed"])
-                      == (act, dtype, product, seed) and r["r"] == DARTS_R),
-                     key=lambda r: r["step"])
+        sel = sorted((r for r in _select(rows, act, dtype, product, DARTS_R)
+                      if r["seed"] == seed), key=lambda r: r["step"])
         ax.semilogy([r["step"] for r in sel], [max(r["rel_error"], 1e-17) for r in sel],
                     color=f"C{k}", linestyle="-" if act != "relu" else "--", linewidth=1,
-                    label=f"{act} {dtype}" if seed == min(r["seed"] for r in rows) else None)
+                    label=f"{act} {dtype}" if seed == first_seed else None)
     ax.set_title(f"{product} at DARTS' r = {DARTS_R}, one line per seed")
     ax.set_xlabel("first-order search step")
     ax.grid(True, which="both", alpha=0.3)
-  axes[0].set_ylabel("relative error of the finite difference")
-  axes[-1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "error_along_search.png"), dpi=110)
-  plt.close(fig)
+  _finish(fig, axes, "relative error of the finite difference",
+          os.path.join(out, "error_along_search.png"))
+
+
+def _per_r_table(rows, title, cell):
+  """A table with one column per r: `cell(errors)` of each setting, product and r."""
+  import numpy as np
+  rs = sorted({r["r"] for r in rows})
+  lines = ["", title, "",
+           "| activation | dtype | product | " + " | ".join(f"r={x:g}" for x in rs) + " |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in rs) + " |"]
+  for act, dtype in _settings(rows):
+    for product in PRODUCT_NAMES:
+      cells = []
+      for x in rs:
+        e = np.array([r["rel_error"] for r in _select(rows, act, dtype, product, x)])
+        cells.append(cell(e) if e.size else "-")
+      lines.append(f"| {act} | {dtype} | {product} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def summarize(rows) -> str:
@@ -204,7 +229,6 @@ def summarize(rows) -> str:
   import numpy as np
   seeds = sorted({r["seed"] for r in rows})
   steps = sorted({r["step"] for r in rows})
-  rs = sorted({r["r"] for r in rows})
   lines = [f"{len(steps)} points (steps {steps[0]} to {steps[-1]}) of first-order searches from "
            f"seeds {', '.join(map(str, seeds))}; {len(steps) * len(seeds)} comparisons per row.",
            "", f"At DARTS' r = {DARTS_R}: the relative error (median, and range) and the cosine "
@@ -214,36 +238,17 @@ def summarize(rows) -> str:
            "cosine min | cos < 0 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for act, dtype in _settings(rows):
     for product in PRODUCT_NAMES:
-      sel = [r for r in rows if (r["activation"], r["dtype"], r["product"], r["r"])
-             == (act, dtype, product, DARTS_R)]
+      sel = _select(rows, act, dtype, product, DARTS_R)
       if not sel:
         continue
       e = np.array([r["rel_error"] for r in sel])
       c = np.array([r["cosine"] for r in sel])
       lines.append(f"| {act} | {dtype} | {product} | {np.median(e):.2e} | {e.min():.1e} - "
                    f"{e.max():.1e} | {np.median(c):.4f} | {c.min():.4f} | {np.mean(c < 0):.0%} |")
-  lines += ["", "The median relative error over every point, for each r:", "",
-            "| activation | dtype | product | " + " | ".join(f"r={x:g}" for x in rs) + " |",
-            "| --- | --- | --- | " + " | ".join("---" for _ in rs) + " |"]
-  for act, dtype in _settings(rows):
-    for product in PRODUCT_NAMES:
-      cells = []
-      for x in rs:
-        e = [r["rel_error"] for r in rows if (r["activation"], r["dtype"], r["product"], r["r"])
-             == (act, dtype, product, x)]
-        cells.append(f"{np.median(e):.1e}" if e else "-")
-      lines.append(f"| {act} | {dtype} | {product} | " + " | ".join(cells) + " |")
-  lines += ["", "The share of points where the relative error is at most 1e-3, for each r:", "",
-            "| activation | dtype | product | " + " | ".join(f"r={x:g}" for x in rs) + " |",
-            "| --- | --- | --- | " + " | ".join("---" for _ in rs) + " |"]
-  for act, dtype in _settings(rows):
-    for product in PRODUCT_NAMES:
-      cells = []
-      for x in rs:
-        e = np.array([r["rel_error"] for r in rows if (r["activation"], r["dtype"], r["product"],
-                                                       r["r"]) == (act, dtype, product, x)])
-        cells.append(f"{np.mean(e <= 1e-3):.0%}" if e.size else "-")
-      lines.append(f"| {act} | {dtype} | {product} | " + " | ".join(cells) + " |")
+  lines += _per_r_table(rows, "The median relative error over every point, for each r:",
+                        lambda e: f"{np.median(e):.1e}")
+  lines += _per_r_table(rows, "The share of points where the relative error is at most 1e-3, "
+                        "for each r:", lambda e: f"{np.mean(e <= 1e-3):.0%}")
   return "\n".join(lines)
 
 
