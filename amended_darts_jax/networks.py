@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from amended_darts_jax import batch_norm, initializers, ops, spaces
+from amended_darts_jax.errors import ConfigError
 
 
 def drop_path(x, rate, rng):
@@ -193,6 +194,17 @@ class NB201Cell(nn.Module):
     return states[-1]
 
 
+def check_nb201(layers: int, auxiliary: bool = False) -> None:
+  """ConfigError unless NAS-Bench-201's network can be built with these settings
+  (the search's and the retraining's, for the search and the retraining network)."""
+  if layers % 3:
+    raise ConfigError(f"NAS-Bench-201's network has three stages of equal depth, so layers "
+                      f"must be a multiple of 3; got {layers}")
+  if auxiliary:
+    raise ConfigError("NAS-Bench-201's network has no auxiliary head: set "
+                      "--config.auxiliary=False")
+
+
 def nb201_skeleton(x_NHWC, C, layers, act, train, cell):
   """NAS-Bench-201's macro skeleton up to the pooling, called inside a compact
   method: a C-channel stem, three stages of layers / 3 cells with a residual
@@ -227,9 +239,7 @@ class NB201Network(nn.Module):
   def __call__(self, x_NHWC, drop_path_rate=0.0, train: bool = False):
     if not self.genotype.is_nb201:
       raise spaces.GenotypeError("NB201Network builds NAS-Bench-201 genotypes only")
-    if self.layers % 3:
-      raise spaces.GenotypeError(f"NAS-Bench-201's network has three stages of equal depth, "
-                                 f"so layers must be a multiple of 3; got {self.layers}")
+    check_nb201(self.layers)
     cell = lambda i, c, x: NB201Cell(self.genotype.nb201, c, self.act, name=f"cell{i}")(
         x, drop_path_rate, train)
     x = nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell)

@@ -36,8 +36,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from amended_darts_jax import (hypergrad, initializers, input_pipeline, loop, nb201, ops,
-                               parallel, plots, rundir, spaces, supernet, training, validation)
+from amended_darts_jax import (hypergrad, initializers, input_pipeline, loop, nb201, networks,
+                               ops, parallel, plots, rundir, spaces, supernet, training,
+                               validation)
 from amended_darts_jax.cpu import dispatch
 from amended_darts_jax.errors import ConfigError
 
@@ -106,12 +107,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"init_channels must be even (factorized reduce halves it), "
                       f"got {cfg.init_channels}")
   if spaces.get_space(cfg.space).cell == "nb201":
-    if cfg.layers % 3:
-      raise ConfigError(f"nb201 stacks three stages of equal depth, so layers must be a "
-                        f"multiple of 3; got {cfg.layers}")
-    if cfg.auxiliary:
-      raise ConfigError("NAS-Bench-201's network has no auxiliary head: set "
-                        "--config.auxiliary=False")
+    networks.check_nb201(cfg.layers, cfg.auxiliary)
   if cfg.nb201_benchmark:
     if cfg.space != "nb201":
       raise ConfigError(f"config.nb201_benchmark looks up NAS-Bench-201 cells; the space is "

@@ -248,11 +248,7 @@ class Supernet(nn.Module):
   def _nb201(self, x_NHWC, alpha, train, drop_path_rate):
     """NAS-Bench-201's search network: a C-channel stem, three stages of layers / 3
     cells with residual reduction blocks between them, BN-act, pooling, classifier."""
-    if self.layers % 3:
-      raise spaces.SpaceError(f"nb201 stacks three stages of equal depth, so layers must be a "
-                              f"multiple of 3; got {self.layers}")
-    if self.auxiliary:
-      raise spaces.SpaceError("NAS-Bench-201's network has no auxiliary head")
+    networks.check_nb201(self.layers, self.auxiliary)
     weights_ExO = jax.nn.softmax(self.space.cell_alpha(alpha, 0, False), axis=-1)
     cell_cls = nn.remat(NB201SearchCell) if self.remat else NB201SearchCell
     cell = lambda i, c, x: cell_cls(self.space, c, train, self.act, self.conv_pool_impl,

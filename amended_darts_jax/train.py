@@ -32,7 +32,6 @@ from absl import logging
 from amended_darts_jax import (hypergrad, initializers, input_pipeline, loop, networks, ops,
                                parallel, rundir, spaces, training, validation)
 from amended_darts_jax import metrics as metrics_lib
-from amended_darts_jax.errors import ConfigError
 from amended_darts_jax.cpu import dispatch
 
 # Fields of the retraining, besides loop.RESUMABLE_FIELDS, that may change between
@@ -68,12 +67,7 @@ class TrainConfig:
 
 def make_model(cfg, genotype: spaces.Genotype, num_classes: int):
   if genotype.is_nb201:
-    if cfg.auxiliary:
-      raise ConfigError("NAS-Bench-201's network has no auxiliary head: set "
-                        "--config.auxiliary=False (configs/train_nb201.py does)")
-    if cfg.layers % 3:
-      raise ConfigError(f"NAS-Bench-201's network has three stages of equal depth, so layers "
-                        f"must be a multiple of 3; got {cfg.layers}")
+    networks.check_nb201(cfg.layers, cfg.auxiliary)
     return networks.NB201Network(genotype, C=cfg.init_channels, layers=cfg.layers,
                                  num_classes=num_classes, act=cfg.activation)
   layers = len(genotype.cells) if genotype.per_cell else cfg.layers
