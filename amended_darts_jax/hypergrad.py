@@ -572,6 +572,79 @@ def arch_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch, *,
   return tree_add(g1, g2), aux
 
 
+def reference_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, v, *, eta, xi,
+                    weight_decay=0.0, momentum_term=None, damping=0.0, solver="minres",
+                    maxiter=100, tol=1e-6):
+  """g2', g2'' and the solved g2 at one point, from one linearization of dLt/dw.
+
+  `v` is dLv/dw at omega. Returns "g2_amended" (-eta M (H + wd I) v), "g2_darts"
+  (-xi M v', v' at the unrolled weights as in `second_terms`), "g2"
+  (-M (H + (wd + damping) I)^-1 v by `solver`) and "info" (its SolveInfo, with the
+  curvature). The same numbers as `second_terms` and `implicit_term`, in a smaller
+  program: the training gradient is linearized once, the solver's iterations
+  evaluate its tangent map in one loop, and the five other products (H v,
+  M (H + wd I) v, M v', H x and M x) in a second loop of four iterations, so the
+  compiled program holds two copies of the tangent map instead of seven primal
+  and tangent passes. Both loops work on the raveled vectors (one operation per
+  vector update instead of one per weight array).
+  """
+  g_w, tangent, _ = linearized_grad(loss_train, omega, alpha, train_batch)
+  unrolled = unrolled_weights(g_w, omega, xi, weight_decay=weight_decay,
+                              momentum_term=momentum_term)
+  v_unrolled = jax.grad(loss_val)(unrolled, alpha, val_batch)
+  ravel = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+  flat_v, unravel_w = jax.flatten_util.ravel_pytree(v)
+  flat_a, unravel_a = jax.flatten_util.ravel_pytree(alpha)
+
+  def flat_tangent(p):
+    hp, mp = tangent(unravel_w(p))
+    return ravel(hp), ravel(mp)
+
+  shift = weight_decay + damping
+  x, info = solve(lambda p: flat_tangent(p)[0] + shift * p, flat_v, solver=solver,
+                  maxiter=maxiter, tol=tol)
+
+  def product(i, carry):
+    # i = 0: H v; 1: M (H + wd I) v; 2: M v'; 3: H x and M x.
+    hv, m_amended, m_darts, hx, mx = carry
+    inputs = jnp.stack([flat_v, hv + weight_decay * flat_v, ravel(v_unrolled), x])
+    hp, mp = flat_tangent(inputs[i])
+    return (jnp.where(i == 0, hp, hv), jnp.where(i == 1, mp, m_amended),
+            jnp.where(i == 2, mp, m_darts), jnp.where(i == 3, hp, hx), jnp.where(i == 3, mp, mx))
+
+  zeros_w, zeros_a = jnp.zeros_like(flat_v), jnp.zeros_like(flat_a)
+  _, m_amended, m_darts, hx, mx = jax.lax.fori_loop(
+      0, 4, product, (zeros_w, zeros_a, zeros_a, zeros_w, zeros_a))
+  curvature = jnp.vdot(x, hx + shift * x) / jnp.maximum(jnp.vdot(x, x), 1e-30)
+  return dict(g2_amended=unravel_a(-eta * m_amended), g2_darts=unravel_a(-xi * m_darts),
+              g2=unravel_a(-mx), info=info._replace(curvature=curvature))
+
+
+def validation_linearized(loss_val, omega, alpha, batch):
+  """`(v, g1, hess_alpha)`: dLv/dw and dLv/da at (omega, alpha), and the map
+  u -> d2 Lv/da2 u (one linearization in alpha: the gradients are its primal)."""
+  def grads(a):
+    v, g1 = jax.grad(loss_val, (0, 1))(omega, a, batch)
+    return g1, v  # v as aux: the tangent map carries only g1's derivative
+
+  g1, tangent, v = jax.linearize(grads, alpha, has_aux=True)
+  return v, g1, tangent
+
+
+def dominant_eigenvalue(matvec, u0, *, iterations):
+  """The eigenvalue of largest magnitude of a symmetric A given as `matvec`, by
+  power iteration from u0: the Rayleigh quotient u^T A u of the iterate after
+  `iterations` normalized products (one copy of `matvec` in the program)."""
+
+  def body(_, state):
+    u, _ = state
+    au = matvec(u)
+    return tree_scale(1.0 / jnp.maximum(tree_norm(au), 1e-30), au), tree_vdot(u, au)
+
+  u0 = tree_scale(1.0 / jnp.maximum(tree_norm(u0), 1e-30), u0)
+  return jax.lax.fori_loop(0, iterations + 1, body, (u0, jnp.zeros((), _tree_dtype(u0))))[1]
+
+
 def second_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, *, eta, xi,
                  weight_decay=0.0, momentum_term=None):
   """The two approximations of g2 at one point, with exact products, for comparison.

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gzip
+import importlib.util
+import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -76,11 +79,27 @@ def _embedded(name: str, images: np.ndarray, labels: np.ndarray):
   return splits, info
 
 
-def _digits() -> tuple[dict[str, ArraySource], DatasetInfo]:
+def _digits_table() -> np.ndarray:
+  """scikit-learn's digits file (1797 rows of 64 pixels in 0..16, then the label), read
+  as its `load_digits` reads it but without importing scikit-learn, whose import
+  (scipy included) takes several seconds of every start; where the file is not at
+  its place in the package, `load_digits` itself."""
+  spec = importlib.util.find_spec("sklearn")
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+    if os.path.exists(path):
+      with gzip.open(path, "rt", encoding="utf-8") as f:
+        return np.loadtxt(f, delimiter=",")
   from sklearn.datasets import load_digits  # ships with scikit-learn; no download
   data = load_digits()
-  images = np.round(data.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 1797x8x8x1
-  return _embedded("digits", images, data.target.astype(np.int32))
+  return np.concatenate([data.data, data.target[:, None]], axis=1)
+
+
+def _digits() -> tuple[dict[str, ArraySource], DatasetInfo]:
+  table = _digits_table()
+  pixels, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+  images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 1797x8x8x1
+  return _embedded("digits", images, labels.astype(np.int32))
 
 
 def _mnist5k() -> tuple[dict[str, ArraySource], DatasetInfo]:

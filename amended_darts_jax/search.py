@@ -202,7 +202,15 @@ def search_batches(sc: StepConfig, state: SearchState, train_batch, val_batch):
 
 
 def loss_of(sc: StepConfig):
-  return functools.partial(supernet_loss, sc.model, auxiliary_weight=sc.auxiliary_weight)
+  return _jitted_loss(sc.model, sc.auxiliary_weight)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_loss(model: supernet.Supernet, auxiliary_weight: float):
+  # One jitted function per supernet: every evaluation of the loss inside a step (the
+  # validation gradient, the training gradient, the products' linearization) reuses
+  # one Python trace of the supernet for each shape of its arguments.
+  return jax.jit(functools.partial(supernet_loss, model, auxiliary_weight=auxiliary_weight))
 
 
 def weight_step(sc: StepConfig, state: SearchState, train, reused=None):
@@ -309,25 +317,19 @@ def monitor_step(sc: StepConfig, mc: MonitorConfig, state: SearchState, train_ba
   train, val = search_batches(sc, state, train_batch, val_batch)
   wd, lr = sc.hessian_weight_decay, sc.lr_fn(state.step)
   plain = lambda w, a, b: loss_fn(w, a, b)[0]
-  terms = hypergrad.second_terms(plain, plain, state.params, state.alpha, train, val,
-                                 eta=sc.eta, xi=lr, weight_decay=wd,
-                                 momentum_term=darts_momentum_term(sc, state))
-  g2, info = hypergrad.implicit_term(plain, state.params, state.alpha, train, terms["v"],
-                                     weight_decay=wd, damping=mc.damping, maxiter=mc.solve_iters,
-                                     tol=mc.tol, solver=mc.solver)
+  # One linearization per loss keeps the program near twice the search step's
+  # (BUILD_NOTES.md, the monitor): the validation gradients and the alpha-Hessian
+  # products share one, the three terms another.
+  v, _, hess_alpha = hypergrad.validation_linearized(plain, state.params, state.alpha, val)
+  terms = hypergrad.reference_terms(plain, plain, state.params, state.alpha, train, val, v,
+                                    eta=sc.eta, xi=lr, weight_decay=wd,
+                                    momentum_term=darts_momentum_term(sc, state),
+                                    damping=mc.damping, solver=mc.solver,
+                                    maxiter=mc.solve_iters, tol=mc.tol)
+  g2, info = terms["g2"], terms["info"]
   g2_amended, g2_darts = terms["g2_amended"], terms["g2_darts"]
-
-  hess_alpha = lambda u: jax.jvp(lambda a: jax.grad(plain, 1)(state.params, a, val),
-                                 (state.alpha,), (u,))[1]
-
-  def power(_, u):
-    hu = hess_alpha(u)
-    return hypergrad.tree_scale(1.0 / jnp.maximum(hypergrad.tree_norm(hu), 1e-30), hu)
-
   u0 = jax.tree.map(lambda a: jnp.ones_like(a) / np.sqrt(a.size), state.alpha)
-  u = jax.lax.fori_loop(0, mc.power_iters, power, hypergrad.tree_scale(
-      1.0 / hypergrad.tree_norm(u0), u0))
-  eigenvalue = hypergrad.tree_vdot(u, hess_alpha(u))
+  eigenvalue = hypergrad.dominant_eigenvalue(hess_alpha, u0, iterations=mc.power_iters)
   return {"cos_amended_implicit": hypergrad.tree_cosine(g2_amended, g2),
           "cos_darts_implicit": hypergrad.tree_cosine(g2_darts, g2),
           "inner_amended_implicit": hypergrad.tree_vdot(g2_amended, g2),

@@ -33,6 +33,14 @@ def step_flops(compiled) -> float:
   return float((compiled.cost_analysis() or {}).get("flops", 0.0))
 
 
+def program_ops(lowered) -> int:
+  """Operations in a lowered program: the lines of its StableHLO text that define
+  values or end a region (constants and loop bodies included, as XLA receives them)."""
+  return sum(1 for line in lowered.as_text().splitlines()
+             if " = " in line or line.lstrip().startswith(("stablehlo.return", "func.return",
+                                                          "return")))
+
+
 def epoch_minutes(step_s: float, batch: int, images: int = CIFAR10_SEARCH_IMAGES) -> float:
   """Minutes for one search epoch over `images` training images at `step_s` a step."""
   return math.ceil(images / batch) * step_s / 60

@@ -108,6 +108,13 @@ def one_seed(seed: int) -> dict:
   except RuntimeError as e:  # no inner optimum reached: nothing to compare against
     return {**record, "inner_failed": str(e), "solve_s": time.perf_counter() - t0}
   w = solution.omega
+  labels = np.bincount(np.asarray(train["label"]), minlength=10) / train["label"].shape[0]
+  record.update(
+      # The loss of the best constant prediction, and the size of the weights through
+      # which the image enters (the stem's convolution and batch-norm scale): an
+      # optimum at that loss with those weights at zero ignores its input.
+      label_entropy=float(-np.sum(labels[labels > 0] * np.log(labels[labels > 0]))),
+      stem_norm=float(np.linalg.norm(_flat([w["stem_conv"]["kernel"], w["stem_bn"]["scale"]]))))
   record.update(grad_norm=solution.grad_norm, lbfgs_steps=solution.lbfgs_steps,
                 newton_steps=solution.newton_steps, eig_min=solution.eig_min,
                 eig_max=solution.eig_max, train_loss=float(loss(w, alpha, train)),
@@ -160,19 +167,26 @@ def one_seed(seed: int) -> dict:
   return record
 
 
+def _number(record: dict, key: str, spec: str) -> str:
+  """record[key] formatted, or "-" in a record written before the field existed."""
+  return format(record[key], spec) if key in record else "-"
+
+
 def summarize(records: list[dict]) -> str:
   failed = [r for r in records if "inner_failed" in r]
   records = [r for r in records if "inner_failed" not in r]
   lines = [f"seed {r['seed']}: {r['inner_failed']}" for r in failed]
   if not records:
     return "\n".join(lines) + "\n"
-  lines += ["| seed | weights | train, val loss | \\|dF/dw\\| | eig min, max of H + wd I "
+  lines += ["| seed | weights | train, val loss | constant prediction's loss | stem norm "
+            "| \\|dF/dw\\| | eig min, max of H + wd I "
             "| strict | implicit vs differences | \\|g1\\|, \\|g2\\| | cos(g2', g2) "
             "| cos(g2'', g2) | cos(g2', -Mv) | cos(g1, g) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "|" + " --- |" * 14]
   for r in records:
     strict = r["eig_min"] > np.sqrt(np.finfo(np.float64).eps) * r["eig_max"]  # InnerSolution's
     lines.append(f"| {r['seed']} | {r['weights']} | {r['train_loss']:.3f}, {r['val_loss']:.3f} | "
+                 f"{_number(r, 'label_entropy', '.3f')} | {_number(r, 'stem_norm', '.2e')} | "
                  f"{r['grad_norm']:.1e} | {r['eig_min']:.2e}, "
                  f"{r['eig_max']:.3f} | {'yes' if strict else 'no'} | "
                  f"{r['rel_diff_implicit_vs_differences']:.1e} | "

