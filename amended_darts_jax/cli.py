@@ -8,6 +8,7 @@ import sys
 from typing import Any, Callable
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
 from amended_darts_jax.cpu import hostmem
@@ -56,6 +57,10 @@ def launch(main: Callable[..., None], default_config: str) -> None:
 
   def main_with_state(argv):
     logging.info("%s", hostmem.state())  # the entry re-ran itself with huge pages, or why not
+    # A start compiles dozens of small programs (initialization, eager steps) of tens of
+    # milliseconds each, below JAX's default threshold of 1 s for the persistent cache:
+    # a command caches them all (a library caller keeps JAX's default).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     main(argv, config_flag=config)
 
   app.run(main_with_state, flags_parser=parse)

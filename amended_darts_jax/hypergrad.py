@@ -623,12 +623,8 @@ def reference_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, 
 def validation_linearized(loss_val, omega, alpha, batch):
   """`(v, g1, hess_alpha)`: dLv/dw and dLv/da at (omega, alpha), and the map
   u -> d2 Lv/da2 u (one linearization in alpha: the gradients are its primal)."""
-  def grads(a):
-    v, g1 = jax.grad(loss_val, (0, 1))(omega, a, batch)
-    return g1, v  # v as aux: the tangent map carries only g1's derivative
-
-  g1, tangent, v = jax.linearize(grads, alpha, has_aux=True)
-  return v, g1, tangent
+  (v, g1), tangent = jax.linearize(lambda a: jax.grad(loss_val, (0, 1))(omega, a, batch), alpha)
+  return v, g1, lambda u: tangent(u)[1]
 
 
 def dominant_eigenvalue(matvec, u0, *, iterations):

@@ -150,7 +150,6 @@ def begin(workdir: str, cfg, start_step: int) -> None:
 def setup_compilation_cache(directory: str) -> None:
   if directory:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def hms(seconds: float) -> str:
