@@ -577,10 +577,10 @@ def reference_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, 
                     maxiter=100, tol=1e-6):
   """g2', g2'' and the solved g2 at one point, from one linearization of dLt/dw.
 
-  `v` is dLv/dw at omega. Returns "g2_amended" (-eta M (H + wd I) v), "g2_darts"
-  (-xi M v', v' at the unrolled weights as in `second_terms`), "g2"
-  (-M (H + (wd + damping) I)^-1 v by `solver`) and "info" (its SolveInfo, with the
-  curvature). The same numbers as `second_terms` and `implicit_term`, in a smaller
+  `v` is dLv/dw at omega. Returns "g2_amended" (-eta M (H + wd I) v, paper eq. 6),
+  "g2_darts" (-xi M v', DARTS eq. 7, v' at the unrolled weights as in
+  `second_terms`), "g2" (-M (H + (wd + damping) I)^-1 v, paper eq. 5, by `solver`)
+  and "info" (its SolveInfo, with the curvature). The same numbers as `second_terms` and `implicit_term`, in a smaller
   program: the training gradient is linearized once, the solver's iterations
   evaluate its tangent map in one loop, and the five other products (H v,
   M (H + wd I) v, M v', H x and M x) in a second loop of four iterations, so the

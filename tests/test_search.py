@@ -250,6 +250,9 @@ def test_end_to_end_search_on_8_devices(tmp_path):
   summary = search.run(cfg, str(tmp_path))
   assert summary["steps"] == 6
   _outputs_ok(str(tmp_path), cfg, 6)
+  setup = json.loads(open(tmp_path / "metrics.jsonl").readline())
+  assert setup["kind"] == "setup"
+  assert 0 < setup["trace_s"] < setup["compile_s"] <= setup["startup_s"]
 
 
 def test_end_to_end_search_on_mock_cifar10(tmp_path):
