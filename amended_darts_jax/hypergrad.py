@@ -580,8 +580,9 @@ def reference_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, 
   `v` is dLv/dw at omega. Returns "g2_amended" (-eta M (H + wd I) v, paper eq. 6),
   "g2_darts" (-xi M v', DARTS eq. 7, v' at the unrolled weights as in
   `second_terms`), "g2" (-M (H + (wd + damping) I)^-1 v, paper eq. 5, by `solver`)
-  and "info" (its SolveInfo, with the curvature). The same numbers as `second_terms` and `implicit_term`, in a smaller
-  program: the training gradient is linearized once, the solver's iterations
+  and "info" (its SolveInfo, with the curvature). The same numbers as `second_terms`
+  and `implicit_term`, in a smaller program: the training gradient is linearized
+  once, the solver's iterations
   evaluate its tangent map in one loop, and the five other products (H v,
   M (H + wd I) v, M v', H x and M x) in a second loop of four iterations, so the
   compiled program holds two copies of the tangent map instead of seven primal
@@ -595,6 +596,7 @@ def reference_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, 
   ravel = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
   flat_v, unravel_w = jax.flatten_util.ravel_pytree(v)
   flat_a, unravel_a = jax.flatten_util.ravel_pytree(alpha)
+  flat_v_unrolled = ravel(v_unrolled)
 
   def flat_tangent(p):
     hp, mp = tangent(unravel_w(p))
@@ -607,7 +609,7 @@ def reference_terms(loss_train, loss_val, omega, alpha, train_batch, val_batch, 
   def product(i, carry):
     # i = 0: H v; 1: M (H + wd I) v; 2: M v'; 3: H x and M x.
     hv, m_amended, m_darts, hx, mx = carry
-    inputs = jnp.stack([flat_v, hv + weight_decay * flat_v, ravel(v_unrolled), x])
+    inputs = jnp.stack([flat_v, hv + weight_decay * flat_v, flat_v_unrolled, x])
     hp, mp = flat_tangent(inputs[i])
     return (jnp.where(i == 0, hp, hv), jnp.where(i == 1, mp, m_amended),
             jnp.where(i == 2, mp, m_darts), jnp.where(i == 3, hp, hx), jnp.where(i == 3, mp, mx))

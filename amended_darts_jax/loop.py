@@ -127,7 +127,8 @@ class Run:
                                            resumed_step=self.start_step)
     self.writer.write({"kind": "resume" if self.start_step else "setup",
                        "step": self.start_step, "compile_s": self.compile_s,
-                       "trace_s": self.trace_s, "startup_s": self.startup_s, "devices": parallel.describe(self.mesh),
+                       "trace_s": self.trace_s, "startup_s": self.startup_s,
+                       "devices": parallel.describe(self.mesh),
                        "steps_per_epoch": schedule.steps_per_epoch,
                        "total_steps": schedule.total_steps, **record})
 

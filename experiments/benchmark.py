@@ -11,9 +11,10 @@ space, C=16, 8 cells, batch 64, 32x32x3, 10 classes: DARTS' CIFAR-10 search) and
 the default search's own (s2, 5 cells, C=8, batch 64, 8x8x1). For each method
 (`weight_only` is the weight step alone, `monitor` the search's gradient-quality
 diagnostics, `search.monitor_step`, at the default config's settings; the others
-are the full search step of `amended_darts_jax.search`) it measures the program's size (`program_ops`: the operations of the lowered
-StableHLO module, the count that grows with every cell), the time to trace and
-lower it (`lower_s`) and, included in `compile_s`, to compile, the median step time
+are the full search step of `amended_darts_jax.search`) it measures the program's
+size (`program_ops`: the operations of the lowered StableHLO module, the count
+that grows with every cell), the time to trace and lower it (`lower_s`) and,
+included in `compile_s`, to compile, the median step time
 over `--steps` steps after `--warmup` warm-up steps, and the peak memory: device
 statistics on a GPU/TPU, the peak resident memory of the process on CPU, and on
 every backend XLA's buffer plan for the step (`memory_analysis()`: temporary
@@ -153,7 +154,8 @@ def measure_one(spec: str) -> dict:
               products=products if method not in ("weight_only", "monitor") else "",
               remat=cfg.remat, edge_groups=cfg.edge_groups,
               cpu_kernel=jax.default_backend() == "cpu" and kernels.available(),
-              compile_s=round(compile_s, 2), lower_s=round(lower_s, 2), program_ops=program_ops,
+              compile_s=round(compile_s, 2), lower_s=round(lower_s, 2),
+              program_ops=program_ops,
               median_step_s=round(median_s, 5),
               min_step_s=round(min(times), 5), steps=len(times),
               peak_memory_mb=round(peak_mb, 1), memory_kind=peak_kind,
@@ -177,7 +179,7 @@ def _table(rows: list[dict]) -> str:
            "|" + " --- |" * 15]
   for r in rows:
     lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['edge_groups']} | "
-                 f"{r['cpu_kernel']} | {r.get('program_ops', '')} | "
+                 f"{r['cpu_kernel']} | {r['program_ops']} | "
                  f"{r['compile_s']} | "
                  f"{r['median_step_s']} | {r['peak_memory_mb']} ({r['memory_kind']}) | "
                  f"{r['xla_temp_mb']} | {r['xla_total_mb']} | {r['gflop_per_step']} | "

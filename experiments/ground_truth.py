@@ -167,11 +167,6 @@ def one_seed(seed: int) -> dict:
   return record
 
 
-def _number(record: dict, key: str, spec: str) -> str:
-  """record[key] formatted, or "-" in a record written before the field existed."""
-  return format(record[key], spec) if key in record else "-"
-
-
 def summarize(records: list[dict]) -> str:
   failed = [r for r in records if "inner_failed" in r]
   records = [r for r in records if "inner_failed" not in r]
@@ -186,7 +181,7 @@ def summarize(records: list[dict]) -> str:
   for r in records:
     strict = r["eig_min"] > np.sqrt(np.finfo(np.float64).eps) * r["eig_max"]  # InnerSolution's
     lines.append(f"| {r['seed']} | {r['weights']} | {r['train_loss']:.3f}, {r['val_loss']:.3f} | "
-                 f"{_number(r, 'label_entropy', '.3f')} | {_number(r, 'stem_norm', '.2e')} | "
+                 f"{r['label_entropy']:.3f} | {r['stem_norm']:.2e} | "
                  f"{r['grad_norm']:.1e} | {r['eig_min']:.2e}, "
                  f"{r['eig_max']:.3f} | {'yes' if strict else 'no'} | "
                  f"{r['rel_diff_implicit_vs_differences']:.1e} | "
