@@ -98,8 +98,8 @@ def step_fn(sc, method):
                                                                     val_batch)
 
   def step(state, train_batch, val_batch):
-    del val_batch
-    params, stats, w_opt_state, _, loss, _ = search.weight_step(sc, state, train_batch)
+    train, _ = search.search_batches(sc, state, train_batch, val_batch)
+    params, stats, w_opt_state, _, loss, _ = search.weight_step(sc, state, train)
     return state.replace(params=params, batch_stats=stats, w_opt_state=w_opt_state,
                          step=state.step + 1), {"train_loss": loss}
 

@@ -6,11 +6,12 @@ r"""Our search steps against the PyTorch DARTS code, side by side in one run.
 
 `--darts_dir` is the `cnn` folder of a checkout of quark0/darts (its
 `model_search.py`, `architect.py`, `operations.py`, `genotypes.py`; nothing of
-it is shipped here). Its code is written for PyTorch 0.3 on a GPU; the only
-shim is that `.cuda()` returns the tensor or module unchanged, so it runs on
-the CPU as it is, and below three cells (where every cell reduces and
+it is shipped here). Its code is written for PyTorch 0.3 on a GPU; the shims
+are that `.cuda()` returns the tensor or module unchanged, so it runs on the
+CPU as it is, and that below three cells (where every cell reduces and
 `alphas_normal` goes unused) `torch.autograd.grad` returns zeros for unused
-inputs instead of failing.
+inputs and the unrolled copy of the second-order step starts its alphas with a
+zero gradient, instead of failing on None.
 
 Timed one step at a time, each framework in its own worker process (in one
 process each slowed the other), the two taking turns round by round so that
@@ -46,9 +47,11 @@ if __name__ == "__main__":  # first, before jax loads: rerun once with huge page
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -99,6 +102,18 @@ def _import_darts(darts_dir: str):
   sys.path.insert(0, darts_dir)
   import architect  # noqa: E402  (DARTS' modules import each other by bare name)
   import model_search
+  # The same for `.backward()`, which DARTS' second-order step calls on its unrolled
+  # copy (`Network.new`) and then reads every alpha's `.grad`: an unused alpha's is None
+  # there. Each copy's alphas start with a zero gradient instead, to which backward adds.
+  new = model_search.Network.new
+
+  def new_with_zero_alpha_grads(self):
+    model = new(self)
+    for a in model.arch_parameters():
+      a.grad = torch.zeros_like(a)
+    return model
+
+  model_search.Network.new = new_with_zero_alpha_grads
   return torch, model_search, architect
 
 
@@ -165,11 +180,11 @@ class _TorchSearch:
 
     plus, minus = train_grad_w(eps), train_grad_w(-eps)
     u = [(a - b) / (2 * eps) + cfg.weight_decay * d for a, b, d in zip(plus, minus, v)]
-    mu = self.architect._hessian_vector_product(model, u, self.xt, self.yt, r=cfg.fd_r)
+    # DARTS' own product at the model's weights: (vector, input, target, r).
+    mu = self.architect._hessian_vector_product(u, self.xt, self.yt, r=cfg.fd_r)
     for a, g, m in zip(alphas, g1, mu):
       a.grad = (g - cfg.eta * m).detach()
-    torch.nn.utils.clip_grad_norm_(alphas, 10.0)
-    self.architect.optimizer.step()
+    self.architect.optimizer.step()  # unclipped, as DARTS' Architect.step and the paper
 
 
 def _jax_timers() -> tuple[dict, dict, int]:
@@ -230,8 +245,17 @@ def _reply(proc, tag: str) -> dict:
   for line in proc.stdout:
     if line.startswith(tag + " "):
       return json.loads(line[len(tag) + 1:])
-  sys.exit(f"error: the {tag.lower()} reply never came; the worker ended with code "
-           f"{proc.wait()} (out of memory?).")
+  code = proc.wait()
+  proc.stderr_file.seek(0)
+  lines = [line.strip() for line in proc.stderr_file.read().splitlines() if line.strip()]
+  # The exception's own line, not the notes JAX prints after a traceback.
+  raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit)\b", line)]
+  lines = raised or lines
+  why = (f"its last words: {lines[-1]}" if lines else
+         "it said nothing (killed by the system, e.g. for memory)" if code < 0 else
+         "it said nothing")
+  sys.exit(f"error: the {proc.args[-1].removeprefix('--worker=')} worker ended with code "
+           f"{code} before its {tag.lower()} reply; {why}")
 
 
 def main(argv):
@@ -255,9 +279,12 @@ def main(argv):
   # other; they take turns, one round each, so both see the same machine load.
   procs, rows, params = {}, {}, {}
   for framework in ("jax", "torch"):
+    # Its stderr goes to a file that `_reply` reads back if the worker dies.
+    stderr = tempfile.TemporaryFile("w+")
     procs[framework] = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--worker={framework}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    procs[framework].stderr_file = stderr
     ready = _reply(procs[framework], "READY")
     rows.update(ready["rows"])
     params[framework] = ready["params"]

@@ -2,10 +2,15 @@
 
 import os
 
-# Tests run on the CPU, with eight fake devices for the data-parallel checks.
+# Tests run on the CPU, with eight fake devices for the data-parallel checks. In this
+# process XLA skips LLVM's optimizations: these tests compile many programs and run each
+# a few times, and check their numbers against independent math to a tolerance, not to
+# the bit (BUILD_NOTES.md, "Tests"). The command lines they start (test_runs.py,
+# test_train.py) run with XLA's default flags, as a user's do.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                  "--xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 
 import dataclasses
 

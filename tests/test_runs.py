@@ -1,7 +1,7 @@
 """Runs a user can trust, through the real command lines.
 
 The same command twice gives the same bytes (C++ kernels on), and so does a
-run killed with SIGKILL and resumed; two processes on localhost give a
+run killed with SIGKILL and resumed (search and retraining); two processes on localhost give a
 1-process run's numbers; the steps lower for GPU and TPU; bad input and faults
 end with one sentence and a non-zero exit, and nothing written is lost.
 """
@@ -146,8 +146,8 @@ def test_search_command_on_two_processes_equals_one_process(tmp_path, cache):
 
 
 TRAIN_FLAGS = ("--config.init_channels=4", "--config.layers=3", "--config.batch_size=16",
-               "--config.epochs=2", "--config.max_steps=4", "--config.checkpoint_every=2",
-               "--config.eval_every_epochs=0")
+               "--config.epochs=2", "--config.max_steps=24", "--config.checkpoint_every=3",
+               "--config.log_every=3", "--config.eval_every_epochs=0")
 
 
 def _final_weights(workdir, cfg):
@@ -160,20 +160,40 @@ def _final_weights(workdir, cfg):
   return state
 
 
-def test_train_command_on_two_processes_equals_one_process(tmp_path, cache, genotype_path):
+def test_train_command_on_two_processes_equals_one_process_and_resumes_after_sigkill(
+    tmp_path, cache, genotype_path, kill_after_first_checkpoint):
+  """Two processes of one device each end where one process of two devices does; a run
+  of that process SIGKILLed after its first checkpoint and resumed ends with the same
+  bytes as the straight one."""
   flags = (*TRAIN_FLAGS, f"--config.genotype={genotype_path}", cache)
   _two_processes("train", tmp_path / "two", flags)
   rc, _, err = _run("train", tmp_path / "one", *flags, env=_env(devices=2))
   assert rc == 0, err[-3000:]
+  killed = tmp_path / "killed"
+  done = kill_after_first_checkpoint(_start("train", killed, *flags, env=_env(devices=2)),
+                                     killed)
+  assert done and done[-1] < 24
+  assert not (killed / "results.json").exists()
+  rc, _, err = _run("train", killed, *flags, env=_env(devices=2))
+  assert rc == 0, err[-3000:]
+  assert f"resumed from the checkpoint of step {done[-1]}" in err
+
   from amended_darts_jax.configs import train_default
   cfg = train_default.get_config()
   cfg.update(init_channels=4, layers=3, batch_size=16, epochs=2, genotype=str(genotype_path))
-  two, one = _final_weights(tmp_path / "two", cfg), _final_weights(tmp_path / "one", cfg)
-  assert int(two.step) == int(one.step) == 4
-  for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
+  two, one, resumed = (_final_weights(tmp_path / d, cfg) for d in ("two", "one", "killed"))
+  assert int(two.step) == int(one.step) == int(resumed.step) == 24
+  for a, b, c in zip(*(jax.tree.leaves(x.params) for x in (two, one, resumed))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(b))
   r2, r1 = (json.load(open(tmp_path / d / "results.json")) for d in ("two", "one"))
   assert abs(r2["final_top1"] - r1["final_top1"]) <= 1 / 180  # at most one test image apart
+  genotype = spaces.get_genotype(cfg.genotype)
+  initial = train.initial_state(cfg, train.make_model(cfg, genotype, 10),
+                                train.make_optimizer(cfg, 10)[0], (8, 8, 1))
+  moved = [float(np.abs(np.asarray(x) - np.asarray(y)).max())
+           for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(initial.params))]
+  assert max(moved) > 1e-3  # the 24 steps trained the weights
 
 
 # Lowering for platforms this machine lacks: the steps compile for GPU and TPU.

@@ -1,4 +1,5 @@
-"""Retraining: the step, the auxiliary head and drop-path, resumption, the command line."""
+"""Retraining: the step, the auxiliary head and drop-path, the command line (its runs across
+processes and after SIGKILL: test_runs.py)."""
 
 import functools
 import os
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amended_darts_jax import checkpointing, spaces, train, training
+from amended_darts_jax import spaces, train, training
 from amended_darts_jax.configs import train_default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,48 +106,6 @@ def _tiny_flags(genotype_path, cache):
   return (f"--config.genotype={genotype_path}", "--config.init_channels=4",
           "--config.layers=3", "--config.batch_size=16", "--config.epochs=2",
           "--config.eval_every_epochs=0", f"--config.compilation_cache_dir={cache}")
-
-
-def _final_params(cfg, workdir):
-  genotype = spaces.get_genotype(cfg.genotype)
-  model = train.make_model(cfg, genotype, 10)
-  tx, _ = train.make_optimizer(cfg, 10)
-  like = train.initial_state(cfg, model, tx, (8, 8, 1))
-  ckpt = checkpointing.Checkpointer(str(workdir))
-  state = ckpt.restore_latest(like)
-  ckpt.close()
-  return int(state.step), state
-
-
-def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, genotype_path, tiny_genotype,
-                                                          kill_after_first_checkpoint):
-  env = _env()
-  flags = (*_tiny_flags(genotype_path, tmp_path / "cache"), "--config.max_steps=24",
-           "--config.checkpoint_every=3", "--config.log_every=3")
-  straight = _cli(tmp_path / "straight", *flags, env=env)
-  _, err = straight.communicate(timeout=600)
-  assert straight.returncode == 0, err[-3000:]
-
-  killed_dir = tmp_path / "killed"
-  done = kill_after_first_checkpoint(_cli(killed_dir, *flags, env=env), killed_dir)
-  assert done and done[-1] < 24
-  assert not (killed_dir / "results.json").exists()
-
-  resumed = _cli(killed_dir, *flags, env=env)
-  _, err = resumed.communicate(timeout=600)
-  assert resumed.returncode == 0, err[-3000:]
-  assert "resumed from the checkpoint of step" in err
-  cfg = tiny_config(genotype_path)
-  step_a, a = _final_params(cfg, tmp_path / "straight")
-  step_b, b = _final_params(cfg, killed_dir)
-  assert step_a == step_b == 24
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  initial = train.initial_state(cfg, train.make_model(cfg, tiny_genotype, 10),
-                                train.make_optimizer(cfg, 10)[0], (8, 8, 1))
-  moved = [float(np.abs(np.asarray(x) - np.asarray(y)).max())
-           for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(initial.params))]
-  assert max(moved) > 1e-3  # the 24 steps trained the weights
 
 
 def test_dry_run_prints_the_parameter_count(tmp_path, genotype_path, tiny_genotype):
