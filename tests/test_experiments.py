@@ -114,3 +114,23 @@ def test_study_tables_and_figures_are_rebuilt_from_the_committed_rows(tmp_path, 
   assert (tmp_path / "summary.md").read_text() == open(os.path.join(source, "summary.md")).read()
   for name in figures:
     assert os.path.getsize(tmp_path / name) > 10_000
+
+
+def test_the_benchmarks_weight_only_step_is_the_search_steps_weight_update(monkeypatch):
+  """`weight_only` (benchmark.py, pytorch_darts.py) moves the weights and the batch
+  statistics exactly as the first-order search step does, and leaves alpha alone."""
+  monkeypatch.setitem(common.SIZES, "one_cell", dict(space="s2", C=2, layers=1, batch=8,
+                                                     image=(8, 8, 1), classes=10))
+  *_, state, batch, weight_only = common.setup_step("one_cell", "weight_only")
+  *_, state_fo, _, first_order = common.setup_step("one_cell", "first_order")
+  train, val = batch(), batch()
+  after, metrics = jax.jit(weight_only)(state, train, val)
+  searched, _ = jax.jit(first_order)(state_fo, train, val)
+  assert int(after.step) == int(state.step) + 1 and float(metrics["train_loss"]) > 0
+  for a, b in zip(jax.tree.leaves((after.params, after.batch_stats)),
+                  jax.tree.leaves((searched.params, searched.batch_stats))):
+    assert jnp.allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(after.alpha),
+                                                   jax.tree.leaves(state.alpha)))
+  assert any(not bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(after.params),
+                                                       jax.tree.leaves(state.params)))
