@@ -121,11 +121,10 @@ def test_the_benchmarks_weight_only_step_is_the_search_steps_weight_update(monke
   statistics exactly as the first-order search step does, and leaves alpha alone."""
   monkeypatch.setitem(common.SIZES, "one_cell", dict(space="s2", C=2, layers=1, batch=8,
                                                      image=(8, 8, 1), classes=10))
-  *_, state, batch, weight_only = common.setup_step("one_cell", "weight_only")
-  *_, state_fo, _, first_order = common.setup_step("one_cell", "first_order")
+  _, _, sc, state, batch = common.setup("one_cell", method="first_order")
   train, val = batch(), batch()
-  after, metrics = jax.jit(weight_only)(state, train, val)
-  searched, _ = jax.jit(first_order)(state_fo, train, val)
+  after, metrics = jax.jit(common.step_fn(sc, "weight_only"))(state, train, val)
+  searched, _ = jax.jit(common.step_fn(sc, "first_order"))(state, train, val)
   assert int(after.step) == int(state.step) + 1 and float(metrics["train_loss"]) > 0
   for a, b in zip(jax.tree.leaves((after.params, after.batch_stats)),
                   jax.tree.leaves((searched.params, searched.batch_stats))):

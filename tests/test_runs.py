@@ -150,12 +150,15 @@ TRAIN_FLAGS = ("--config.init_channels=4", "--config.layers=3", "--config.batch_
                "--config.log_every=3", "--config.eval_every_epochs=0")
 
 
-def _final_weights(workdir, cfg):
+def _initial_weights(cfg):
   genotype = spaces.get_genotype(cfg.genotype)
   model = train.make_model(cfg, genotype, 10)
-  like = train.initial_state(cfg, model, train.make_optimizer(cfg, 10)[0], (8, 8, 1))
+  return train.initial_state(cfg, model, train.make_optimizer(cfg, 10)[0], (8, 8, 1))
+
+
+def _final_weights(workdir, cfg):
   ckpt = checkpointing.Checkpointer(str(workdir))
-  state = ckpt.restore_latest(like)
+  state = ckpt.restore_latest(_initial_weights(cfg))
   ckpt.close()
   return state
 
@@ -188,9 +191,7 @@ def test_train_command_on_two_processes_equals_one_process_and_resumes_after_sig
     np.testing.assert_array_equal(np.asarray(c), np.asarray(b))
   r2, r1 = (json.load(open(tmp_path / d / "results.json")) for d in ("two", "one"))
   assert abs(r2["final_top1"] - r1["final_top1"]) <= 1 / 180  # at most one test image apart
-  genotype = spaces.get_genotype(cfg.genotype)
-  initial = train.initial_state(cfg, train.make_model(cfg, genotype, 10),
-                                train.make_optimizer(cfg, 10)[0], (8, 8, 1))
+  initial = _initial_weights(cfg)
   moved = [float(np.abs(np.asarray(x) - np.asarray(y)).max())
            for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(initial.params))]
   assert max(moved) > 1e-3  # the 24 steps trained the weights
