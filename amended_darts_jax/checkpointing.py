@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from amended_darts_jax import rundir
+from amended_darts_jax import parallel, rundir
 from amended_darts_jax.errors import NonFiniteError, UserError
 
 
@@ -196,9 +196,7 @@ class Checkpointer:
       if os.path.exists(self._digest_path(step)):
         shutil.move(self._digest_path(step), os.path.join(target, "file_digests.json"))
       logging.warning("skipped the checkpoint of step %d (%s); moved it to %s", step, why, target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    parallel.synchronize(f"checkpoint {step} set aside")
     self._manager.close()
     self._manager = self._open()
 

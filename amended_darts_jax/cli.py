@@ -12,7 +12,7 @@ import jax
 from ml_collections import config_flags
 
 from amended_darts_jax.cpu import hostmem
-from amended_darts_jax.errors import UserError
+from amended_darts_jax.errors import ClusterError, UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs; a "
                                "run started again with the same directory resumes.")
@@ -89,4 +89,10 @@ def run_or_exit(fn: Callable[[], Any]) -> Any:
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
+    if isinstance(e, ClusterError):
+      # JAX's exit handler would wait at the cluster's shutdown barrier for the peer that
+      # is missing, then abort; what this process wrote is complete, so leave at once.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)
     sys.exit(1)

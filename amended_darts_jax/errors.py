@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class NonFiniteError(UserError):
   """A non-finite loss or gradient; the run stopped and the last good checkpoint stays."""
+
+
+class ClusterError(UserError):
+  """The processes of a multi-process run could not meet: a peer stopped or stalled."""

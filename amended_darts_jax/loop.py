@@ -74,6 +74,7 @@ class Run:
     self.mesh = parallel.make_mesh()
     parallel.check_batch_split(cfg.batch_size, self.mesh)
     parallel.log_devices(self.mesh)
+    parallel.warm_up(self.mesh)
     self.is_main = jax.process_index() == 0
     # This process's part of the data: what input_pipeline's batches take.
     self.local = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -106,6 +107,7 @@ class Run:
     # load of its executable, is the rest of compile_s.
     self.trace_s = time.perf_counter() - t0
     compiled = lowered.compile()
+    parallel.synchronize(f"compiled the {what}")  # a peer's compile may take longer
     self.compile_s = time.perf_counter() - t0
     self.startup_s = time.perf_counter() - self.t_start  # until the first step can start
     logging.info("compiled the %s in %.1f s, %.1f s of it tracing (%.1f s since start)", what,

@@ -8,16 +8,22 @@ equal the single-device ones up to float reduction order.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from amended_darts_jax.errors import ConfigError
+from amended_darts_jax.errors import ClusterError, ConfigError
 
 DATA_AXIS = "data"
+
+# How long a process waits at `synchronize` for the others (a peer's compile).
+SYNC_TIMEOUT_S = 3600
+_barrier_ids = itertools.count()
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
@@ -38,6 +44,44 @@ def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh over every device of every process (automatic sharding axes)."""
   devices = np.asarray(devices if devices is not None else jax.devices())
   return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def synchronize(what: str, timeout_s: float = SYNC_TIMEOUT_S) -> None:
+  """Waits until every process gets here (no-op for one process).
+
+  Uses the coordination service's barrier, which waits as long as it is told.
+  The CPU collectives do not: the first collective over a group of devices
+  sets up its communicator through the same service with a fixed 30 s limit,
+  so processes must reach a program's first collective close together. Every
+  process calls this in the same order, which keeps the barriers' names equal.
+  """
+  if jax.process_count() == 1:
+    return
+  name = f"amended_darts_jax:{next(_barrier_ids)}:{what}"
+  client = jax._src.distributed.global_state.client
+  try:
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+  except Exception as e:  # the runtime raises its own error type
+    status = str(e).split(":", 1)[0]
+    raise ClusterError(f"process {jax.process_index()} waited {timeout_s:g} s at '{what}' for "
+                       f"the other processes, which did not all come ({status})") from e
+
+
+def warm_up(mesh: Mesh) -> None:
+  """Sets up the collectives of a run while the processes are in step.
+
+  One all-reduce over the whole mesh (the group every step and evaluation
+  uses) and the device barrier of `multihost_utils` (the groups that
+  checkpoints' barriers use), each after a `synchronize`.
+  """
+  if jax.process_count() == 1:
+    return
+  synchronize("collectives")
+  ones = put_batch({"x": np.ones((jax.local_device_count(),), np.float32)}, mesh)["x"]
+  total = jax.jit(lambda x: x.sum(), out_shardings=replicated(mesh))(ones)
+  if int(total) != mesh.devices.size:
+    raise ClusterError(f"an all-reduce over the {mesh.devices.size} devices gave {int(total)}")
+  multihost_utils.sync_global_devices("amended_darts_jax:warm_up")
 
 
 def check_batch_split(batch_size: int, mesh: Mesh) -> None:

@@ -94,9 +94,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                           "resume with the same config or use a new workdir")
       genotype.save(path)
     paths.append(path)
-  if jax.process_count() > 1:  # every process reads the candidates process 0 wrote
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("random search candidates written")
+  parallel.synchronize("random search candidates written")  # the others read them next
 
   ranked = []
   for i, path in enumerate(paths):

@@ -10,9 +10,11 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import flax
 import jax
@@ -25,6 +27,7 @@ from amended_darts_jax.configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 900
+CLUSTER_TIMEOUT = 420  # a two-process run takes 1-2 minutes here, loaded
 
 
 def _env(devices: int = 1, **extra) -> dict:
@@ -112,15 +115,43 @@ def _free_port():
 
 
 def _two_processes(module, workdir, flags, devices=1):
-  """Runs the command as a cluster of two processes on this machine, `devices` CPU devices each."""
+  """Runs the command as a cluster of two processes on this machine, `devices` CPU devices each.
+
+  If one process fails, the other is stopped at once; if they outlive CLUSTER_TIMEOUT, each is
+  sent SIGABRT first, so that its Python traceback (PYTHONFAULTHANDLER) says where it
+  waited. Either way the test fails with both processes' last output."""
   port = _free_port()
   cluster = ("--config.distributed=True", f"--config.coordinator_address=localhost:{port}",
              "--config.num_processes=2")
-  procs = [_start(module, workdir, *flags, *cluster, f"--config.process_id={i}",
-                  env=_env(devices=devices)) for i in range(2)]
-  results = [p.communicate(timeout=TIMEOUT) for p in procs]
-  for p, (_, err) in zip(procs, results):
-    assert p.returncode == 0, err[-3000:]
+  logs = [tuple(open(workdir.parent / f"{workdir.name}.process{i}.{kind}", "w+")
+                for kind in ("out", "err")) for i in range(2)]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", f"amended_darts_jax.{module}", f"--workdir={workdir}", *flags,
+       *cluster, f"--config.process_id={i}"], cwd=REPO, stdout=out, stderr=err, text=True,
+      env=_env(devices=devices, PYTHONFAULTHANDLER="1")) for i, (out, err) in enumerate(logs)]
+  deadline = time.monotonic() + CLUSTER_TIMEOUT
+  while (any(p.poll() is None for p in procs) and time.monotonic() < deadline
+         and not any(p.returncode for p in procs)):
+    time.sleep(0.5)
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGABRT)
+      try:
+        p.wait(timeout=20)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+  results = []
+  for out, err in logs:
+    out.seek(0)
+    err.seek(0)
+    results.append((out.read(), err.read()))
+    out.close()
+    err.close()
+  why = "; ".join(f"process {i} exited with {p.returncode}" for i, p in enumerate(procs))
+  if any(p.returncode for p in procs):
+    pytest.fail(why + "\n" + "\n".join(f"--- process {i}:\n{err[-4000:]}"
+                                         for i, (_, err) in enumerate(results)))
   return results
 
 
@@ -130,6 +161,43 @@ SEARCH_FLAGS = ("--config.method=first_order", "--config.space=s2", "--config.la
                 "--config.init_channels=2",
                 "--config.batch_size=16", "--config.epochs=3", "--config.max_steps=4",
                 "--config.checkpoint_every=2", "--config.log_every=2")
+
+
+_STALLED_PEER = """
+import sys, time
+import jax
+from amended_darts_jax import cli, parallel
+port, rank = sys.argv[1:]
+parallel.initialize_distributed(f"localhost:{port}", 2, int(rank))
+jax.devices()
+if rank == "0":
+  cli.run_or_exit(lambda: parallel.synchronize("the test's barrier", timeout_s=3))
+  print("passed the barrier")
+else:
+  time.sleep(60)  # a peer that stalls
+"""
+
+
+def test_a_process_whose_peer_stalls_exits_with_one_sentence():
+  """The barrier gives up after its timeout: one line and exit status 1, not a hang in JAX's
+  shutdown barrier for the missing peer."""
+  port = str(_free_port())
+  peer = subprocess.Popen([sys.executable, "-c", _STALLED_PEER, port, "1"], cwd=REPO,
+                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _STALLED_PEER, port, "0"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=50)
+    assert time.monotonic() - t0 < 40
+  finally:
+    peer.kill()
+    peer.wait()
+  assert done.returncode == 1, done.stderr[-2000:]
+  assert "passed the barrier" not in done.stdout
+  lines = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+  assert lines == ["error: process 0 waited 3 s at 'the test's barrier' for the other processes, "
+                   "which did not all come (DEADLINE_EXCEEDED)"], done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
 
 
 def test_search_command_on_two_processes_equals_one_process(tmp_path, cache):
