@@ -28,7 +28,8 @@ def torch_bias_init(fan_in: int):
 
 
 # A submodule whose name starts with this holds its variables stacked along a
-# leading axis (`nn.vmap`, e.g. the edges leaving one state in a supernet cell).
+# leading axis (`nn.vmap` or `nn.scan`: the edges leaving one state in a supernet
+# cell, a run of cells); stacked submodules nest, one axis each.
 STACKED_PREFIX = "stacked_"
 
 
@@ -52,16 +53,17 @@ def init_variables(module: nn.Module, seed: int, *args, **kwargs) -> dict[str, A
                           {"params": key, "dropout": key}, *args)
   rng = np.random.default_rng(seed)
 
-  def fill(collection, tree, stacked=False):
-    # Under a stacked module each slice along the first axis is one module's variable.
+  def fill(collection, tree, stacked=0):
+    # Under `stacked` stacked modules each slice along the first `stacked` axes is
+    # one module's variable.
     def uniform_fan_in(shape, kernel_shape):  # U(+-1/sqrt(fan_in)) of that kernel
-      bound = 1.0 / np.sqrt(_kernel_fan_in(kernel_shape[1:] if stacked else kernel_shape))
+      bound = 1.0 / np.sqrt(_kernel_fan_in(kernel_shape[stacked:]))
       return rng.uniform(-bound, bound, shape)
 
     out = {}
     for name, leaf in tree.items():
       if isinstance(leaf, dict):
-        out[name] = fill(collection, leaf, stacked or name.startswith(STACKED_PREFIX))
+        out[name] = fill(collection, leaf, stacked + name.startswith(STACKED_PREFIX))
         continue
       shape, dtype = leaf.shape, leaf.dtype
       if collection == "batch_stats":

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 from absl import logging
 
-from amended_darts_jax import checkpointing, parallel, rundir
+from amended_darts_jax import checkpointing, networks, parallel, rundir
 from amended_darts_jax import metrics as metrics_lib
 from amended_darts_jax.cpu import dispatch
 
@@ -69,6 +69,10 @@ class Run:
       parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes,
                                       cfg.process_id)
     dispatch.check(cfg.conv_pool_impl)
+    # Pinned for this backend before the config is compared with the workdir's or
+    # saved, so that a run resumes in the layout its checkpoints have.
+    if cfg.get("scan_cells") == "auto":
+      cfg.scan_cells = "on" if networks.scans("auto") else "off"
     rundir.prepare_workdir(workdir)
     rundir.check_resumable(workdir, cfg, RESUMABLE_FIELDS + tuple(resumable_fields))
     self.mesh = parallel.make_mesh()

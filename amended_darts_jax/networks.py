@@ -6,17 +6,28 @@ aux_logits is None unless the auxiliary head is on and `train=True` (NAS-Bench-2
 has none). Drop-path (applied to
 every non-identity op in training) needs a "dropout" rng; its rate is a call
 argument so the caller can ramp it without recompiling.
+
+`scan_cells=True` computes each run of consecutive normal cells of one gene whose
+inputs share a shape (`cell_runs`) as one `nn.scan` (`scan_cells`), here and in
+the search's supernet: the program then holds one copy of the cell per run,
+whatever the depth. The configs' `scan_cells` ("auto", "on", "off"; `scans`)
+sets it. A run's variables are its cells' stacked along a
+leading axis; `stack_cells` and `unstack_cells` convert between that layout and
+one submodule per cell (`cell<i>`), and `init_variables` draws the same weights
+for both.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from amended_darts_jax import batch_norm, initializers, ops, spaces
+from amended_darts_jax.cpu import dispatch
 from amended_darts_jax.errors import ConfigError
 
 
@@ -25,6 +36,132 @@ def drop_path(x, rate, rng):
   keep = 1.0 - rate
   mask = jax.random.bernoulli(rng, keep, (x.shape[0], 1, 1, 1))
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+# A run of cells computed by one scan is the submodule `stacked_cells<first>to<last>`;
+# its variables are those of cells first..last stacked along a leading axis, under
+# `stacked_cells<first>to<last>/cell` (`stack_cells` and `unstack_cells` convert).
+SCAN_PREFIX = initializers.STACKED_PREFIX + "cells"
+# The configs' `scan_cells`: "auto" scans on GPU and TPU, not on XLA:CPU.
+SCAN_SETTINGS = ("auto", "on", "off")
+
+
+def scans(setting: str) -> bool:
+  """Whether the config setting `scan_cells` scans runs of cells on this backend.
+
+  "auto" scans on GPU and TPU. On XLA:CPU a scanned 20-cell amended step compiled
+  in two thirds of the unrolled one's time but ran 26% slower with a fifth more
+  memory (BUILD_NOTES.md, "Compile time"), which a run of more than a few steps
+  does not win back, so "auto" does not scan there. It touches the backend.
+  """
+  if setting not in SCAN_SETTINGS:
+    raise ConfigError(f"scan_cells must be one of {', '.join(SCAN_SETTINGS)}; got {setting!r}")
+  return setting == "on" or (setting == "auto" and jax.default_backend() != "cpu")
+
+
+def cell_runs(layers: int, same: Callable[[int, int], bool] = lambda i, j: True
+              ) -> tuple[tuple[int, int], ...]:
+  """The runs (first, last) of two or more consecutive cells that one scan computes.
+
+  Cell i can be a scan step when neither it nor cell i - 1 is a reduction cell and
+  i >= 2: its inputs (the outputs of cells i - 2 and i - 1) and its output then
+  have one shape, so (s0, s1) -> (s1, cell(s0, s1)) is the same function of
+  different weights from cell to cell. `same(i, j)` says whether cells i and j
+  have the same structure (the retraining networks' per-cell genotypes).
+  """
+  reductions = spaces.reduction_cells(layers)
+  steppable = [i >= 2 and i not in reductions and i - 1 not in reductions for i in range(layers)]
+  runs, first = [], None
+  for i in range(layers + 1):
+    if first is not None and (i == layers or not steppable[i] or not same(first, i)):
+      if i - 1 > first:
+        runs.append((first, i - 1))
+      first = None
+    if i < layers and steppable[i] and first is None:
+      first = i
+  return tuple(runs)
+
+
+def _cells_dict(tree) -> bool:
+  return isinstance(tree, dict) and any(re.fullmatch(r"cell\d+", k) for k in tree)
+
+
+def _convert_cells(variables, runs, scanned: bool):
+  def convert(tree):
+    if not isinstance(tree, dict):
+      return tree
+    if not _cells_dict(tree) and not any(k.startswith(SCAN_PREFIX) for k in tree):
+      return {k: convert(v) for k, v in tree.items()}
+    out = dict(tree)
+    for first, last in runs:
+      name = f"{SCAN_PREFIX}{first}to{last}"
+      if scanned:
+        cells = [out.pop(f"cell{i}") for i in range(first, last + 1)]
+        out[name] = {"cell": jax.tree_util.tree_map(lambda *x: jnp.stack(x), *cells)}
+      else:
+        stacked = out.pop(name)["cell"]
+        for k, i in enumerate(range(first, last + 1)):
+          out[f"cell{i}"] = jax.tree_util.tree_map(lambda x: x[k], stacked)
+    return out
+  return {collection: convert(tree) for collection, tree in variables.items()}
+
+
+def stack_cells(variables, runs):
+  """Variables in the one-submodule-per-cell layout (`cell<i>`) in the layout of a
+  network that scans `runs`; `unstack_cells` is the inverse."""
+  return _convert_cells(variables, runs, scanned=True)
+
+
+def unstack_cells(variables, runs):
+  """Variables of a network that scans `runs` in the one-submodule-per-cell layout."""
+  return _convert_cells(variables, runs, scanned=False)
+
+
+class CellStep(nn.Module):
+  """A cell as one step of a scan over cells: carry (s0, s1) -> (s1, cell output).
+  `cell(s0, s1, *args)` builds the cell (named "cell") and applies it."""
+  cell: Callable
+
+  @nn.compact
+  def __call__(self, carry, *args):
+    s0, s1 = carry
+    return (s1, self.cell(s0, s1, *args)), None
+
+
+def _save_products(prim, *args, **params):
+  """Checkpoint policy: save the results of matrix products, convolutions and the C++ kernels."""
+  del args, params
+  return prim.name in ("dot_general", "conv_general_dilated") or dispatch.is_kernel_call(prim)
+
+
+def scan_cells(cell, first: int, last: int, s0, s1, stacked=(), broadcast=()):
+  """Cells first..last as one `nn.scan`, called inside a compact method; returns
+  the (s0, s1) after the last. `stacked` are per-cell inputs with a leading cell
+  axis (a per-cell space's softmax weights), `broadcast` inputs shared by all
+  (the drop-path rate). Weights and batch statistics are stacked per cell, and
+  each cell draws its own "params" and "dropout" keys."""
+  # What the reverse pass keeps of each cell: the products' outputs; the
+  # elementwise rest (activations, batch norm, pooling sums) is recomputed. A
+  # scan keeps every residual it saves in memory, where XLA fuses most of them
+  # away in an unrolled network: saving all of them doubled the 20-cell step's
+  # buffers (BUILD_NOTES.md, "Compile time").
+  step = nn.remat(CellStep, prevent_cse=False, policy=_save_products)
+  scan = nn.scan(step, variable_axes={"params": 0, "batch_stats": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(0,) * len(stacked) + (nn.broadcast,) * len(broadcast),
+                 length=last - first + 1)
+  carry, _ = scan(cell, name=f"{SCAN_PREFIX}{first}to{last}")((s0, s1), *stacked, *broadcast)
+  return carry
+
+
+def init_variables(model: nn.Module, seed: int, *args, **kwargs) -> dict[str, Any]:
+  """`initializers.init_variables` for a network that may scan runs of cells: the
+  values drawn for its one-submodule-per-cell form, then stacked, so that a
+  network draws the same weights whether it scans or not."""
+  runs = getattr(model, "cell_runs", ())
+  if runs:
+    model = model.clone(scan_cells=False)
+  return stack_cells(initializers.init_variables(model, seed, *args, **kwargs), runs)
 
 
 class Cell(nn.Module):
@@ -94,6 +231,13 @@ def _check_genotype(genotype: spaces.Genotype, layers: int):
                                f"network has {layers} cells; set layers={len(genotype.cells)}")
 
 
+def genotype_cell_runs(genotype: spaces.Genotype, layers: int) -> tuple[tuple[int, int], ...]:
+  """`cell_runs` of a retraining network: runs of normal cells with one gene."""
+  if genotype.per_cell and len(genotype.cells) != layers:
+    return ()  # not a network (_check_genotype says why)
+  return cell_runs(layers, lambda i, j: genotype.gene(i, False) == genotype.gene(j, False))
+
+
 class _CellStack(nn.Module):
   """The cells of either network, with the auxiliary head after cell 2*layers//3."""
   genotype: spaces.Genotype
@@ -105,23 +249,39 @@ class _CellStack(nn.Module):
   reduction_prev: bool
   act: str
   conv_pool_impl: str
+  scan_cells: bool
+
+  @property
+  def cell_runs(self) -> tuple[tuple[int, int], ...]:
+    return genotype_cell_runs(self.genotype, self.layers) if self.scan_cells else ()
 
   @nn.compact
   def __call__(self, s0, s1, drop_path_rate, train):
     _check_genotype(self.genotype, self.layers)
     reductions = spaces.reduction_cells(self.layers)
+    runs = dict(self.cell_runs)
     c_curr, reduction_prev, logits_aux = self.C, self.reduction_prev, None
-    for i in range(self.layers):
+    i = 0
+    while i < self.layers:
       reduction = i in reductions
       if reduction:
         c_curr *= 2
       gene, concat = self.genotype.gene(i, reduction)
-      s0, s1 = s1, Cell(gene, concat, c_curr, reduction, reduction_prev, self.act,
-                        self.conv_pool_impl, name=f"cell{i}")(s0, s1, drop_path_rate, train)
+      cell = lambda s0, s1, rate, name: Cell(gene, concat, c_curr, reduction, reduction_prev,
+                                             self.act, self.conv_pool_impl, name=name)(
+                                                 s0, s1, rate, train)
+      if i in runs:  # a run of cells with one gene, none of them a reduction
+        s0, s1 = scan_cells(lambda s0, s1, rate: cell(s0, s1, rate, "cell"), i, runs[i], s0, s1,
+                            broadcast=(drop_path_rate,))
+        i = runs[i] + 1
+        reduction_prev = False
+        continue
+      s0, s1 = s1, cell(s0, s1, drop_path_rate, f"cell{i}")
       reduction_prev = reduction
       if i == 2 * self.layers // 3 and self.auxiliary and train:
         logits_aux = AuxiliaryHead(self.num_classes, self.imagenet, self.act,
                                    name="auxiliary_head")(s1, train)
+      i += 1
     return s1, logits_aux
 
 
@@ -133,6 +293,11 @@ class NetworkCIFAR(nn.Module):
   auxiliary: bool = True
   act: str = "relu"
   conv_pool_impl: str = "auto"
+  scan_cells: bool = False  # scan runs of identical cells (cell_runs): a flat compile time
+
+  @property
+  def cell_runs(self) -> tuple[tuple[int, int], ...]:
+    return genotype_cell_runs(self.genotype, self.layers) if self.scan_cells else ()
 
   @nn.compact
   def __call__(self, x_NHWC, drop_path_rate=0.0, train: bool = False):
@@ -141,7 +306,7 @@ class NetworkCIFAR(nn.Module):
     x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
     s1, logits_aux = _CellStack(self.genotype, self.C, self.layers, self.num_classes,
                                 self.auxiliary, False, False, self.act, self.conv_pool_impl,
-                                name="cells")(x, x, drop_path_rate, train)
+                                self.scan_cells, name="cells")(x, x, drop_path_rate, train)
     return _classifier(self.num_classes, s1), logits_aux
 
 
@@ -159,6 +324,11 @@ class NetworkImageNet(nn.Module):
   auxiliary: bool = True
   act: str = "relu"
   conv_pool_impl: str = "auto"
+  scan_cells: bool = False  # scan runs of identical cells (cell_runs): a flat compile time
+
+  @property
+  def cell_runs(self) -> tuple[tuple[int, int], ...]:
+    return genotype_cell_runs(self.genotype, self.layers) if self.scan_cells else ()
 
   @nn.compact
   def __call__(self, x_NHWC, drop_path_rate=0.0, train: bool = False):
@@ -170,7 +340,7 @@ class NetworkImageNet(nn.Module):
     s1 = batch_norm.batch_norm(train, True, name="stem1_bn")(conv(self.C, "stem1_conv")(act(s0)))
     s1, logits_aux = _CellStack(self.genotype, self.C, self.layers, self.num_classes,
                                 self.auxiliary, True, True, self.act, self.conv_pool_impl,
-                                name="cells")(s0, s1, drop_path_rate, train)
+                                self.scan_cells, name="cells")(s0, s1, drop_path_rate, train)
     # DARTS pools 7x7 at 224x224 input; a global mean is the same there and works at any size.
     return _classifier(self.num_classes, s1), logits_aux
 

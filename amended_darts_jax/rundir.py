@@ -23,7 +23,8 @@ RENAMED_FIELDS = {"depthwise_impl": "conv_pool_impl", "batch_edges": "edge_group
                   "monitor_cg_iters": "monitor_solve_iters"}
 # Fields added later, with the value that does what a workdir written without them did.
 ADDED_FIELDS = {"holdout": 0.0, "drop_path_prob": 0.0, "dropout": 0.0, "auxiliary": False,
-                "auxiliary_weight": 0.4, "nesterov": False, "nb201_benchmark": ""}
+                "auxiliary_weight": 0.4, "nesterov": False, "nb201_benchmark": "",
+                "scan_cells": "off"}
 
 
 def prepare_workdir(workdir: str) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from amended_darts_jax import (hypergrad, initializers, input_pipeline, loop, nb201, networks,
+from amended_darts_jax import (hypergrad, input_pipeline, loop, nb201, networks,
                                ops, parallel, plots, rundir, spaces, supernet, training,
                                validation)
 from amended_darts_jax.cpu import dispatch
@@ -97,6 +97,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
       "products": validation.one_of(hypergrad.PRODUCTS),
       "activation": validation.one_of(tuple(ops.ACTIVATIONS)),
       "conv_pool_impl": validation.one_of(dispatch.IMPLS),
+      "scan_cells": validation.one_of(networks.SCAN_SETTINGS),
       "dataset": validation.one_of(input_pipeline.DATASETS),
       **dict.fromkeys(positive, validation.POSITIVE),
       **dict.fromkeys(non_negative, validation.NON_NEGATIVE),
@@ -121,7 +122,8 @@ def make_model(cfg, num_classes: int) -> supernet.Supernet:
                            num_classes=num_classes, act=cfg.activation,
                            conv_pool_impl=cfg.conv_pool_impl, remat=cfg.remat,
                            edge_groups=cfg.edge_groups, drop_path=cfg.drop_path_prob > 0,
-                           dropout=cfg.dropout, auxiliary=cfg.auxiliary)
+                           dropout=cfg.dropout, auxiliary=cfg.auxiliary,
+                           scan_cells=networks.scans(cfg.scan_cells))
 
 
 def make_optimizers(cfg, steps_per_epoch: int):
@@ -149,11 +151,11 @@ def step_config(cfg, model: supernet.Supernet, steps_per_epoch: int) -> StepConf
 
 
 def initial_state(cfg, sc: StepConfig, image_shape) -> SearchState:
-  """Step 0 of a search: omega drawn on the host (initializers.init_variables), alpha from the space."""
+  """Step 0 of a search: omega drawn on the host (networks.init_variables), alpha from the space."""
   alpha = spaces.get_space(cfg.space).init_alpha(jax.random.PRNGKey(cfg.seed), cfg.layers)
   sample = jnp.zeros((2, *image_shape), jnp.float32)
   # In train mode, so that the auxiliary head's parameters exist where it is on.
-  variables = initializers.init_variables(sc.model, cfg.seed, sample, alpha, train=True)
+  variables = networks.init_variables(sc.model, cfg.seed, sample, alpha, train=True)
   return SearchState(
       step=jnp.array(0, jnp.int32), params=variables["params"],
       batch_stats=variables["batch_stats"], alpha=alpha,

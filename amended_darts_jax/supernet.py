@@ -20,6 +20,14 @@ along the group's edges under `cell<i>/stacked_from<src>`, in the order of
 `space.edges`. `edge_groups=False` is the literal one-MixedOp-per-edge cell
 (`cell<i>/edge<e>`); both compute the same function.
 
+With `scan_cells=True` each run of two or more normal cells whose
+inputs share one shape (`networks.cell_runs`: between two reduction cells, from
+the second cell after each) is one `nn.scan`, so the program holds that cell
+once whatever the depth; its variables are the run's cells' stacked under
+`stacked_cells<first>to<last>/cell`, its per-cell alphas' softmax weights are
+stacked as scanned inputs, and `networks.stack_cells` and `unstack_cells`
+convert to and from the `cell<i>` layout. Below 10 cells there is no such run.
+
 The regularizers of DARTS' retraining, each off by default, for a search that
 trains its supernet as the evaluation trains the network (the paper's
 "consistent" setting, configs/s1_consistent.py): `drop_path` (every
@@ -201,10 +209,18 @@ class Supernet(nn.Module):
   drop_path: bool = False
   dropout: float = 0.0
   auxiliary: bool = False
+  scan_cells: bool = False
 
   @property
   def space(self) -> spaces.SearchSpace:
     return spaces.get_space(self.space_name)
+
+  @property
+  def cell_runs(self) -> tuple[tuple[int, int], ...]:
+    """The runs of cells computed by one scan each (networks.cell_runs), with `scan_cells`."""
+    if not self.scan_cells or self.space.cell == "nb201":
+      return ()
+    return networks.cell_runs(self.layers)
 
   def init_alpha(self, key, dtype=jnp.float32):
     return self.space.init_alpha(key, self.layers, dtype)
@@ -221,20 +237,31 @@ class Supernet(nn.Module):
     s0 = s1 = x
     c_curr = self.C
     reductions = spaces.reduction_cells(self.layers)
+    runs = dict(self.cell_runs)
     cell_cls = nn.remat(SearchCell) if self.remat else SearchCell
-    reduction_prev = False
-    for i in range(self.layers):
+    reduction_prev, i = False, 0
+    while i < self.layers:
       reduction = i in reductions
       if reduction:
         c_curr *= 2
-      weights_ExO = jax.nn.softmax(space.cell_alpha(alpha, i, reduction), axis=-1)
-      cell = cell_cls(space, c_curr, reduction, reduction_prev, train, self.act,
-                      self.conv_pool_impl, self.edge_groups, self.drop_path, name=f"cell{i}")
-      s0, s1 = s1, cell(s0, s1, weights_ExO, drop_path_rate)
+      cell = lambda name: cell_cls(space, c_curr, reduction, reduction_prev, train, self.act,
+                                   self.conv_pool_impl, self.edge_groups, self.drop_path,
+                                   name=name)
+      softmax = lambda j: jax.nn.softmax(space.cell_alpha(alpha, j, reduction), axis=-1)
+      if i in runs:  # normal cells i..last as one scan, their weights stacked
+        last = runs[i]
+        weights_NxExO = jnp.stack([softmax(j) for j in range(i, last + 1)])
+        s0, s1 = networks.scan_cells(
+            lambda s0, s1, weights_ExO, rate: cell("cell")(s0, s1, weights_ExO, rate),
+            i, last, s0, s1, stacked=(weights_NxExO,), broadcast=(drop_path_rate,))
+        reduction_prev, i = False, last + 1
+        continue
+      s0, s1 = s1, cell(f"cell{i}")(s0, s1, softmax(i), drop_path_rate)
       reduction_prev = reduction
       if i == 2 * self.layers // 3 and self.auxiliary and train:
         self.sow("aux", "logits", networks.AuxiliaryHead(self.num_classes, act=self.act,
                                                          name="auxiliary_head")(s1, train))
+      i += 1
     return self._classify(s1, train)
 
   def _classify(self, x_NHWC, train):

@@ -29,7 +29,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from amended_darts_jax import (hypergrad, initializers, input_pipeline, loop, networks, ops,
+from amended_darts_jax import (hypergrad, input_pipeline, loop, networks, ops,
                                parallel, rundir, spaces, training, validation)
 from amended_darts_jax import metrics as metrics_lib
 from amended_darts_jax.cpu import dispatch
@@ -73,7 +73,8 @@ def make_model(cfg, genotype: spaces.Genotype, num_classes: int):
   layers = len(genotype.cells) if genotype.per_cell else cfg.layers
   cls = networks.NetworkImageNet if cfg.dataset in IMAGENET_LIKE else networks.NetworkCIFAR
   return cls(genotype, C=cfg.init_channels, layers=layers, num_classes=num_classes,
-             auxiliary=cfg.auxiliary, act=cfg.activation, conv_pool_impl=cfg.conv_pool_impl)
+             auxiliary=cfg.auxiliary, act=cfg.activation, conv_pool_impl=cfg.conv_pool_impl,
+             scan_cells=networks.scans(cfg.scan_cells))
 
 
 def make_optimizer(cfg, steps_per_epoch: int):
@@ -154,6 +155,7 @@ def validate_config(cfg) -> None:
       "lr_schedule": validation.one_of(training.SCHEDULES),
       "activation": validation.one_of(tuple(ops.ACTIVATIONS)),
       "conv_pool_impl": validation.one_of(dispatch.IMPLS),
+      "scan_cells": validation.one_of(networks.SCAN_SETTINGS),
       **dict.fromkeys(positive, validation.POSITIVE),
       **dict.fromkeys(non_negative, validation.NON_NEGATIVE),
       **dict.fromkeys(("momentum", "drop_path_prob", "label_smoothing", "ema_decay", "holdout"),
@@ -295,7 +297,7 @@ def genotype_label(cfg) -> str:
 
 def init_variables(model, seed: int, shape) -> dict[str, Any]:
   """Host initialisation in train mode, so the auxiliary head's parameters exist."""
-  return initializers.init_variables(model, seed, jnp.zeros((2, *shape)), 0.0, train=True)
+  return networks.init_variables(model, seed, jnp.zeros((2, *shape)), 0.0, train=True)
 
 
 def main(argv, config_flag) -> None:

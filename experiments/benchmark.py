@@ -63,6 +63,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compiling.")
 _REMAT = flags.DEFINE_list("remat", ["false"], "Rematerialize per cell: true, false or both.")
 _EDGE_GROUPS = flags.DEFINE_list("edge_groups", ["true"], "The edges leaving a state as one "
                                  "vmapped op (true) or one op per edge (false), or both.")
+_SCAN = flags.DEFINE_list("scan_cells", ["true"], "Runs of identical cells as one scan (true), "
+                          "one program part per cell (false), or both.")
 _DEPTHWISE = flags.DEFINE_string("conv_pool_impl", "auto", "auto | conv | kernel | shift | dense.")
 _CPU_KERNEL = flags.DEFINE_list("cpu_kernel", ["true"], "Let `auto` use the C++ depthwise kernel "
                                 "on CPU (true), or not (false: AMENDED_DARTS_CPU_KERNEL=0), or both.")
@@ -113,11 +115,11 @@ def measure_one(spec: str) -> dict:
   import jax
   import numpy as np
 
-  method_products, remat, edge_groups = spec.split("@")
+  method_products, remat, edge_groups, scan = spec.split("@")
   method, products, size, cfg, state, batch, step = common.setup_step(
       _SIZE.value, method_products, remat=remat == "true", conv_pool_impl=_DEPTHWISE.value,
       batch=_BATCH.value, space=_SPACE.value, layers=_LAYERS.value,
-      edge_groups=edge_groups == "true")
+      edge_groups=edge_groups == "true", scan_cells=scan == "true")
 
   train_batch, val_batch = batch(), batch()
   rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -152,7 +154,7 @@ def measure_one(spec: str) -> dict:
   return dict(size=_SIZE.value, **{k: size[k] for k in ("space", "C", "layers", "batch")},
               method=method,
               products=products if method not in ("weight_only", "monitor") else "",
-              remat=cfg.remat, edge_groups=cfg.edge_groups,
+              remat=cfg.remat, edge_groups=cfg.edge_groups, scan_cells=cfg.scan_cells == "on",
               cpu_kernel=jax.default_backend() == "cpu" and kernels.available(),
               compile_s=round(compile_s, 2), lower_s=round(lower_s, 2),
               program_ops=program_ops,
@@ -172,14 +174,14 @@ def measure_one(spec: str) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ["| method | products | remat | edge groups | C++ kernel | program ops | compile s "
-           "| median step s | "
+  lines = ["| method | products | remat | edge groups | scan cells | C++ kernel | program ops "
+           "| compile s | median step s | "
            "peak MB (kind) | XLA temp MB | XLA total MB | GFLOP/step (XLA) | TFLOP/s | "
            "share of peak | CIFAR-10 epoch, min |",
-           "|" + " --- |" * 15]
+           "|" + " --- |" * 16]
   for r in rows:
     lines.append(f"| {r['method']} | {r['products']} | {r['remat']} | {r['edge_groups']} | "
-                 f"{r['cpu_kernel']} | {r['program_ops']} | "
+                 f"{r['scan_cells']} | {r['cpu_kernel']} | {r['program_ops']} | "
                  f"{r['compile_s']} | "
                  f"{r['median_step_s']} | {r['peak_memory_mb']} ({r['memory_kind']}) | "
                  f"{r['xla_temp_mb']} | {r['xla_total_mb']} | {r['gflop_per_step']} | "
@@ -216,18 +218,19 @@ def main(argv):
     sys.exit(f"error: --timeout_s takes seconds, 0 (no limit) or more; got {_TIMEOUT.value}")
   common.switches("remat", _REMAT.value)  # exits on anything but true/false
   common.switches("edge_groups", _EDGE_GROUPS.value)
+  common.switches("scan_cells", _SCAN.value)
   common.switches("cpu_kernel", _CPU_KERNEL.value)
   os.makedirs(_OUT.value, exist_ok=True)
   rows, failed = [], []
   passthrough = [a for a in sys.argv[1:]
                  if not a.startswith(("--one", "--methods", "--remat", "--edge_groups",
-                                      "--cpu_kernel"))]
-  variants = [(spec, remat, edges, kernel) for remat in _REMAT.value
-              for edges in _EDGE_GROUPS.value for kernel in _CPU_KERNEL.value
-              for spec in _METHODS.value]
-  for spec, remat, edges, kernel in variants:
+                                      "--scan_cells", "--cpu_kernel"))]
+  variants = [(spec, remat, edges, scan, kernel) for remat in _REMAT.value
+              for edges in _EDGE_GROUPS.value for scan in _SCAN.value
+              for kernel in _CPU_KERNEL.value for spec in _METHODS.value]
+  for spec, remat, edges, scan, kernel in variants:
     cmd = [sys.executable, os.path.abspath(__file__), *passthrough,
-           f"--one={spec}@{remat}@{edges}"]
+           f"--one={spec}@{remat}@{edges}@{scan}"]
     env = dict(os.environ)  # the kernel switch reaches the worker through its environment
     if kernel == "false":
       env[kernels.SWITCH_ENV] = "0"
@@ -244,9 +247,10 @@ def main(argv):
       error = f"stopped after --timeout_s={_TIMEOUT.value} s"
     if error:
       row = dict(size=_SIZE.value, method=spec, remat=remat == "true",
-                 edge_groups=edges == "true", cpu_kernel=kernel == "true", error=error)
+                 edge_groups=edges == "true", scan_cells=scan == "true",
+                 cpu_kernel=kernel == "true", error=error)
       failed.append(f"not measured: {spec}, remat {remat}, edge groups {edges}, "
-                    f"C++ kernel {kernel}: {error}")
+                    f"scan cells {scan}, C++ kernel {kernel}: {error}")
     else:
       row = json.loads(lines[-1][len("RESULT "):])
       rows.append(row)

@@ -56,7 +56,7 @@ def switches(flag: str, values: list[str]) -> list[bool]:
 
 
 def setup(size_name, *, method="amended", products="exact", remat=False, conv_pool_impl="auto",
-          batch=0, space="", layers=0, edge_groups=True):
+          batch=0, space="", layers=0, edge_groups=True, scan_cells=True):
   """(size, cfg, StepConfig, initial SearchState, make_batch) for a named size.
 
   `batch`, `space` and `layers` override the size's values when given.
@@ -68,6 +68,7 @@ def setup(size_name, *, method="amended", products="exact", remat=False, conv_po
   cfg = default.get_config()
   cfg.space, cfg.init_channels, cfg.layers = size["space"], size["C"], size["layers"]
   cfg.remat, cfg.conv_pool_impl, cfg.edge_groups = remat, conv_pool_impl, edge_groups
+  cfg.scan_cells = "on" if scan_cells else "off"
   cfg.method, cfg.products = method, products
   sc = search.step_config(cfg, search.make_model(cfg, size["classes"]), steps_per_epoch=100)
   state = search.initial_state(cfg, sc, size["image"])

@@ -2,9 +2,12 @@ r"""Compile time and steps per second of the retraining step on synthetic batche
 
   python experiments/train_speed.py                      # DARTS_V2, CIFAR-10 setting
   python experiments/train_speed.py --C=8 --layers=5 --batch=64 --size=8 --channels=1
+  python experiments/train_speed.py --layers=8 --noscan_cells
 
 Defaults are DARTS' CIFAR-10 retraining: DARTS_V2, 36 channels, 20 cells,
-batch 96, 32x32x3, auxiliary head, drop-path 0.2. Prints one JSON line.
+batch 96, 32x32x3, auxiliary head, drop-path 0.2. Prints one JSON line, with
+the lowered program's size (`program_ops`, as in benchmark.py), the time to
+trace and lower it (`lower_s`) and, included in `compile_s`, to compile.
 """
 
 import functools
@@ -16,6 +19,7 @@ from absl import app, flags
 import jax
 import numpy as np
 
+import common
 from amended_darts_jax import networks, spaces, train
 from amended_darts_jax.configs import train_cifar10
 
@@ -26,12 +30,14 @@ _BATCH = flags.DEFINE_integer("batch", 96, "Batch size.")
 _SIZE = flags.DEFINE_integer("size", 32, "Image height and width.")
 _CHANNELS = flags.DEFINE_integer("channels", 3, "Image channels.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after one warm-up step.")
+_SCAN = flags.DEFINE_bool("scan_cells", True, "Runs of identical cells as one scan.")
 
 
 def main(argv):
   del argv
   cfg = train_cifar10.get_config()
   cfg.genotype, cfg.init_channels, cfg.layers = _GENOTYPE.value, _C.value, _LAYERS.value
+  cfg.scan_cells = "on" if _SCAN.value else "off"
   genotype = spaces.get_genotype(cfg.genotype)
   model = train.make_model(cfg, genotype, 10)
   tc = train.train_config(cfg, model, 500)
@@ -42,8 +48,9 @@ def main(argv):
   batch = {"image": rng.normal(size=(_BATCH.value, *shape)).astype(np.float32),
            "label": rng.integers(0, 10, _BATCH.value).astype(np.int32)}
   t0 = time.perf_counter()
-  step = jax.jit(functools.partial(train.train_step, tc), donate_argnums=0).lower(
-      state, batch).compile()
+  lowered = jax.jit(functools.partial(train.train_step, tc), donate_argnums=0).lower(state, batch)
+  lower_s = time.perf_counter() - t0
+  step = lowered.compile()
   compile_s = time.perf_counter() - t0
   state, _ = step(state, batch)
   jax.block_until_ready(state)
@@ -55,8 +62,9 @@ def main(argv):
     times.append(time.perf_counter() - t0)
   median = statistics.median(times)
   print(json.dumps(dict(genotype=_GENOTYPE.value, C=_C.value, layers=_LAYERS.value,
-                        batch=_BATCH.value, image=list(shape),
-                        params=networks.count_params(state.params),
+                        batch=_BATCH.value, image=list(shape), scan_cells=_SCAN.value,
+                        cell_runs=model.cell_runs, params=networks.count_params(state.params),
+                        program_ops=common.program_ops(lowered), lower_s=round(lower_s, 1),
                         compile_s=round(compile_s, 1), median_step_s=round(median, 3),
                         steps_per_s=round(1.0 / median, 4),
                         loss_finite=bool(np.isfinite(float(metrics["train_loss"]))),

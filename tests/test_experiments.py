@@ -133,3 +133,21 @@ def test_the_benchmarks_weight_only_step_is_the_search_steps_weight_update(monke
                                                    jax.tree.leaves(state.alpha)))
   assert any(not bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(after.params),
                                                        jax.tree.leaves(state.params)))
+
+
+def test_scan_table_is_rebuilt_from_the_committed_results_and_quoted_in_the_notes():
+  import scan_cells_table
+  source = os.path.join(RESULTS, "scan_cells")
+  table = scan_cells_table.table(source)
+  rows = [json.loads(line) for line in open(os.path.join(source, "search_s2_search_20",
+                                                          "results.jsonl"))]
+  eight = json.loads(open(os.path.join(source, "search_s2_search_8", "results.jsonl")).readline())
+  scanned = next(r for r in rows if r["scan_cells"])
+  plain = next(r for r in rows if not r["scan_cells"])
+  ratios = (f"{scanned['program_ops'] / eight['program_ops']:.2f} | "
+            f"{scanned['compile_s'] / eight['compile_s']:.2f} | "
+            f"{scanned['median_step_s'] / plain['median_step_s']:.2f} |")
+  assert f"| search `s2_search`, amended exact | scanned | {ratios}" in table
+  notes = open(os.path.join(EXPERIMENTS, "..", "BUILD_NOTES.md")).read()
+  assert (f"{scanned['program_ops'] / eight['program_ops']:.2f} ({scanned['program_ops']:,}) | "
+          f"{scanned['compile_s'] / eight['compile_s']:.2f} ({scanned['compile_s']:.1f} s)") in notes

@@ -5,9 +5,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from amended_darts_jax import initializers, networks, ops, spaces, train, visualize
+from amended_darts_jax.errors import ConfigError
 
 
 def _eval_shapes(model, x, train):
@@ -146,3 +148,62 @@ def test_a_genotype_with_noise_retrains_and_evaluates(tmp_path):
   assert float(jnp.abs(logits(jax.random.PRNGKey(1)) - logits(jax.random.PRNGKey(2))).max()) > 0
   visualize.render(genotype, str(tmp_path / "cells"))
   assert (tmp_path / "cells.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("x64")
+def test_scanned_retraining_cells_compute_the_unscanned_function(tiny_genotype):
+  """DARTS' CIFAR network at 10 cells, the auxiliary head on, float64: with cells
+  8 and 9 as one scan and as two submodules, from the same weights, the
+  training-mode logits, auxiliary logits, batch statistics and weight gradient
+  agree (drop-path at rate 0: the scan draws other masks), and so do the
+  evaluation logits. The ImageNet network scans the same cells (its cell stack is
+  the same module); a per-cell genotype scans only its runs of one gene."""
+  cls = networks.NetworkCIFAR
+  scanned = cls(tiny_genotype, C=4, layers=10, num_classes=5, auxiliary=True, scan_cells=True)
+  plain = scanned.clone(scan_cells=False)
+  assert scanned.cell_runs == ((8, 9),)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3), jnp.float64)
+  labels = jnp.array([1, 3])
+  variables = jax.tree.map(lambda a: a.astype(jnp.float64),
+                           networks.init_variables(scanned, 0, x[:1], 0.0, train=True))
+  assert "stacked_cells8to9" in variables["params"]["cells"]
+
+  def quantities(model, variables):
+    def loss(params):
+      (logits, aux), updates = model.apply({"params": params, "batch_stats":
+                                            variables["batch_stats"]}, x, 0.0, train=True,
+                                           rngs={"dropout": jax.random.PRNGKey(1)},
+                                           mutable=["batch_stats"])
+      ce = optax.softmax_cross_entropy_with_integer_labels
+      return (ce(logits, labels) + 0.4 * ce(aux, labels)).mean(), (logits, aux, updates)
+    (_, outputs), grad = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    logits, aux, updates = outputs
+    return logits, aux, updates, {"params": grad}, model.apply(variables, x, 0.0)[0]
+
+  runs = scanned.cell_runs
+  got = jax.jit(functools.partial(quantities, scanned))(variables)
+  want = jax.jit(functools.partial(quantities, plain))(networks.unstack_cells(variables, runs))
+  got = (*got[:2], networks.unstack_cells(got[2], runs), networks.unstack_cells(got[3], runs),
+         got[4])
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+  imagenet = networks.NetworkImageNet(tiny_genotype, C=4, layers=10, num_classes=5,
+                                      scan_cells=True)
+  shapes = jax.eval_shape(functools.partial(imagenet.init, train=True),
+                          {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                          jnp.zeros((1, 64, 64, 3)), 0.0)
+  assert imagenet.cell_runs == ((8, 9),) and "stacked_cells8to9" in shapes["params"]["cells"]
+  genes = [tiny_genotype.normal] * 14
+  genes[7] = spaces.DARTS_V2.normal
+  per_cell = cls(spaces.Genotype(cells=tuple(genes)), C=4, layers=14, num_classes=5,
+                 scan_cells=True)
+  assert networks.cell_runs(14) == ((2, 3), (6, 8), (11, 13))
+  assert per_cell.cell_runs == ((2, 3), (11, 13))  # 6 and 8 stand alone around 7
+
+
+def test_scan_setting_auto_scans_off_the_cpu_only():
+  assert networks.scans("on") and not networks.scans("off")
+  assert networks.scans("auto") == (jax.default_backend() != "cpu")
+  with pytest.raises(ConfigError, match="scan_cells must be one of auto, on, off; got 'yes'"):
+    networks.scans("yes")

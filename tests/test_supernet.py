@@ -3,13 +3,14 @@
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from amended_darts_jax import initializers, ops, spaces, supernet
+from amended_darts_jax import initializers, networks, ops, spaces, supernet
 from amended_darts_jax.cpu import kernels
 from amended_darts_jax import hypergrad as hg
 
@@ -276,3 +277,134 @@ def test_noise_operation_is_standard_normal_of_the_output_shape_whatever_the_inp
   assert abs(y.mean()) < 0.1 and abs(y.std() - 1) < 0.06  # 2,048 draws: sds 0.022, 0.016
   np.testing.assert_array_equal(draw(-x, jax.random.PRNGKey(0)), y)
   assert not np.array_equal(draw(x, jax.random.PRNGKey(1)), y)
+
+
+def test_cell_runs_are_the_normal_cells_whose_inputs_share_a_shape():
+  """A run holds cells i >= 2 that neither reduce nor follow a reduction cell."""
+  assert networks.cell_runs(20) == ((2, 5), (8, 12), (15, 19))
+  assert networks.cell_runs(14) == ((2, 3), (6, 8), (11, 13))
+  assert networks.cell_runs(8) == ()  # cells 4 and 7 stand alone: nothing to scan
+  assert networks.cell_runs(3) == ()
+  # Cells of different structure split a run.
+  assert networks.cell_runs(20, lambda i, j: (i < 4) == (j < 4)) == (
+      (2, 3), (4, 5), (8, 12), (15, 19))
+  assert networks.cell_runs(20, lambda i, j: i == j) == ()
+
+
+def _float64(tree):
+  return jax.tree.map(lambda a: a.astype(jnp.float64), tree)
+
+
+class _TwoCells(nn.Module):
+  """Two normal s2 cells (C=2, softplus) as one scan or as two submodules."""
+  scan: bool
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, s0, s1, weights_NxExO):
+    cls = nn.remat(supernet.SearchCell) if self.remat else supernet.SearchCell
+    cell = lambda name: cls(spaces.get_space("s2"), 2, False, False, True, "softplus",
+                            name=name)
+    if self.scan:
+      return networks.scan_cells(lambda a, b, w, rate: cell("cell")(a, b, w, rate), 0, 1, s0,
+                                 s1, stacked=(weights_NxExO,), broadcast=(0.0,))
+    for i in range(2):
+      s0, s1 = s1, cell(f"cell{i}")(s0, s1, weights_NxExO[i], 0.0)
+    return s0, s1
+
+
+@pytest.mark.usefixtures("x64")
+def test_a_scanned_run_of_cells_computes_the_cells_one_by_one_to_second_order():
+  """Two s2 cells through the C++ kernels, float64: as one scan (rematerialized per
+  cell inside it) and as two submodules, from the same weights (`unstack_cells`),
+  they give the same outputs, batch statistics, weight gradient, gradient in the
+  per-cell softmax weights, and amended term -eta M H v."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  s0, s1 = (jax.random.normal(k, (3, 4, 4, 8), jnp.float64) for k in keys[:2])
+  weights = jax.nn.softmax(jax.random.normal(keys[2], (2, 8, 2), jnp.float64))
+  scanned, plain, runs = _TwoCells(scan=True, remat=True), _TwoCells(scan=False), ((0, 1),)
+  variables = _float64(networks.stack_cells(initializers.init_variables(plain, 1, s0, s1,
+                                                                        weights), runs))
+  assert variables["params"]["stacked_cells0to1"]["cell"]["pre0"]["Dense_0"]["kernel"].shape == (
+      2, 8, 2)  # two cells, each a 1x1 convolution from 4 nodes x C to C channels
+  v = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)),
+                   variables["params"])
+
+  def quantities(model, variables, v):
+    stats = variables["batch_stats"]
+
+    def apply(params, weights, inputs):
+      return model.apply({"params": params, "batch_stats": stats}, *inputs, weights,
+                         mutable=["batch_stats"])
+
+    def loss(params, weights, inputs):
+      (a, b), _ = apply(params, weights, inputs)
+      return jnp.sum(jnp.sin(a)) + jnp.sum(jnp.cos(b) * b)
+
+    def run(params, weights, inputs, v):
+      outputs, updates = apply(params, weights, inputs)
+      g_w, g_weights = jax.grad(loss, (0, 1))(params, weights, inputs)
+      return (outputs, {"batch_stats": updates["batch_stats"], "params": g_w}, g_weights,
+              hg.amended_term(loss, params, weights, inputs, v, eta=0.1))
+    return jax.jit(run)(variables["params"], weights, (s0, s1), v)
+
+  got = quantities(scanned, variables, v)
+  want = quantities(plain, networks.unstack_cells(variables, runs),
+                    networks.unstack_cells({"params": v}, runs)["params"])
+  got = (got[0], networks.unstack_cells(got[1], runs), got[2], got[3])
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+  assert float(hg.tree_norm(got[3])) > 1e-6  # the amended term is not trivially zero
+
+
+@pytest.mark.usefixtures("x64")
+def test_a_scanning_supernet_computes_the_unscanned_one(monkeypatch):
+  """10 cells (8 and 9 scanned), alphas shared by all normal cells (the darts cell
+  with skip_connect and avg_pool_3x3 on its 14 edges), float64: from the same draw,
+  the scanned and the one-submodule-per-cell supernet give the same logits, batch
+  statistics and alpha gradient."""
+  monkeypatch.setitem(spaces.SPACES, "shared_light", dataclasses.replace(
+      spaces.get_space("rdarts_s2"), name="shared_light", ops=("skip_connect", "avg_pool_3x3")))
+  scanned = supernet.Supernet("shared_light", C=2, layers=10, num_classes=3, act="softplus",
+                              scan_cells=True)
+  plain = scanned.clone(scan_cells=False)
+  assert scanned.cell_runs == ((8, 9),) and plain.cell_runs == ()
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1), jnp.float64)
+  labels = jnp.array([0, 1, 2, 1])
+  alpha = _float64(scanned.init_alpha(jax.random.PRNGKey(1)))
+  variables = _float64(networks.init_variables(scanned, 2, x, alpha, train=True))
+  assert "stacked_cells8to9" in variables["params"] and "cell8" not in variables["params"]
+  for a, b in zip(jax.tree.leaves(networks.unstack_cells(variables, scanned.cell_runs)),
+                  jax.tree.leaves(_float64(networks.init_variables(plain, 2, x, alpha,
+                                                                   train=True)))):
+    np.testing.assert_array_equal(a, b)  # the same draw, restacked
+
+  def quantities(model, variables):
+    def loss(alpha):
+      logits, updates = model.apply(variables, x, alpha, train=True, mutable=["batch_stats"])
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return ce, (logits, updates)
+    (_, (logits, updates)), g_alpha = jax.value_and_grad(loss, has_aux=True)(alpha)
+    return logits, updates, g_alpha
+
+  got = jax.jit(functools.partial(quantities, scanned))(variables)
+  want = jax.jit(functools.partial(quantities, plain))(
+      networks.unstack_cells(variables, scanned.cell_runs))
+  got = (got[0], networks.unstack_cells(got[1], scanned.cell_runs), got[2])
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_init_variables_draws_stacked_kernels_within_their_own_fan_in():
+  """A kernel under two stacked modules (a scanned run of cells, an edge group) is
+  drawn from U(+-1/sqrt(fan_in)) of one module's kernel, not of the stack."""
+  model = supernet.Supernet("s2", C=4, layers=10, num_classes=3, scan_cells=True)
+  x = jnp.zeros((2, 8, 8, 1))
+  variables = initializers.init_variables(model, 0, x, model.init_alpha(jax.random.PRNGKey(0)))
+  group = variables["params"]["stacked_cells8to9"]["cell"]["stacked_from0"]
+  pointwise = np.asarray(group["sep_conv_3x3"]["SepConv_0"]["Dense_0"]["kernel"])
+  cells, edges, c_in, _ = pointwise.shape
+  assert (cells, edges) == (2, 4)  # two cells, four edges leave state 0
+  bound = 1.0 / np.sqrt(c_in)
+  assert np.abs(pointwise).max() <= bound and np.abs(pointwise).max() > 0.9 * bound

@@ -39,6 +39,9 @@ def get_config():
   c.conv_pool_impl = "auto"
   c.remat = False  # rematerialize per cell (less memory, more time)
   c.edge_groups = True  # the edges leaving a state as one vmapped op (faster; False: per edge)
+  # Runs of identical cells as one scan, compile time flat in depth: auto (on GPU/TPU,
+  # not on CPU, where the step is slower) | on | off (networks.scans)
+  c.scan_cells = "auto"
 
   # The architecture gradient.
   c.method = "amended"  # first_order | darts | amended | implicit

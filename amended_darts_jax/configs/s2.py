@@ -8,7 +8,11 @@ r"""The paper's S2 search on CIFAR-10: 20 cells, each with its own alphas, ops {
 multiply-adds). 20 cells at 36 channels need a lot of memory for the amended
 step; `remat=True` rematerializes each cell (1.9x and 2.1x less XLA:CPU
 buffer memory for the amended step at 5 and 8 cells of a small `s2` supernet
-under jax 0.12, none under jax 0.10; BUILD_NOTES.md).
+under jax 0.12, none under jax 0.10; BUILD_NOTES.md). On GPU and TPU the
+default `scan_cells=auto` computes the three runs of normal cells (2-5, 8-12,
+15-19) as scans, so that the program holds each of those cells once; on CPU
+`--config.scan_cells=on` compiles faster but steps slower (BUILD_NOTES.md,
+"Compile time").
 """
 
 from amended_darts_jax.configs import cifar10_darts

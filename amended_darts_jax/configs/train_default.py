@@ -28,6 +28,7 @@ def get_config():
   c.drop_path_prob = 0.2  # ramped linearly from 0 over the epochs
   c.activation = "relu"
   c.conv_pool_impl = "auto"
+  c.scan_cells = "auto"  # runs of identical cells as one scan: auto | on | off (networks.scans)
 
   c.epochs = 10
   c.batch_size = 64

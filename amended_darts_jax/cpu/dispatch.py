@@ -8,7 +8,8 @@ dtype, channels, kernel extent, map size and edge group at trace time
 convolutions and the max pooling; "conv", "shift" and "dense" are the
 formulations of depthwise.py, with XLA's `reduce_window` pooling. The search
 also asks `remat_ineffective` whether per-cell rematerialization pays under
-this jax.
+this jax, and a checkpoint policy `is_kernel_call` whether an operation is one of
+the C++ kernels.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ EDGE_GROUP_PLACES = ("", "shared", "per_edge")
 # On CPU the dense formulation does C times the work of a depthwise filter; above
 # this many channels the shifted sum wins by 3-6x (experiments/depthwise_speed.py).
 DENSE_MAX_CHANNELS = 32
+
+
+def is_kernel_call(primitive) -> bool:
+  """Whether `primitive` (as a checkpoint policy sees it) is one of the C++ kernels."""
+  return primitive.name.startswith(kernels.PRIMITIVE_PREFIX)
 
 
 def resolve(impl: str, kernel_size: int, channels: int = 0, edge_group: str = "",

@@ -15,12 +15,13 @@ formulations (a failed build logs one warning saying why).
 
 Derivatives. `depthwise_conv(x, k)` is a `jax.custom_vjp` whose backward pass
 calls the input-gradient and kernel-gradient kernels. Each of the three kernels
-is bilinear in its two operands, so each is a `jax.custom_jvp` whose tangent,
+is bilinear in its two operands, so each is a JAX primitive whose JVP,
 f(a', b) + f(a, b'), is one call of itself on two operand pairs (the kernels
 sum over pairs in one pass): forward-over-reverse products (`jax.jvp` of
-`jax.grad`, what hypergrad.py computes) are exact. As with any `jax.custom_vjp`, forward
-mode on the convolution alone, outside a reverse pass, is not defined. The
-same holds for `max_pool` (its kernels are linear in their second operand).
+`jax.grad`, what hypergrad.py computes) are exact, inside `lax.scan` too. As with
+any `jax.custom_vjp`, forward mode on the convolution alone, outside a reverse
+pass, is not defined. The same holds for `max_pool` (its kernels are linear in
+their second operand).
 
 Edge groups. Under the supernet's `vmap` over the edges that leave one state,
 the first depthwise convolution of every `sep_conv` and `dil_conv` sees one
@@ -46,8 +47,10 @@ import threading
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad, batching, mlir
 
 from amended_darts_jax.cpu.depthwise import out_size
 
@@ -59,6 +62,7 @@ _TARGETS = {"forward": "DepthwiseForward", "input_grad": "DepthwiseInputGrad",
             "kernel_grad": "DepthwiseKernelGrad", "max_gather": "MaxPoolGather",
             "max_scatter": "MaxPoolScatter"}
 _PREFIX = "amended_darts_cpu_"
+PRIMITIVE_PREFIX = _PREFIX  # the primitives' names (a checkpoint policy's test)
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str once tried
@@ -146,19 +150,50 @@ def supports(dtype) -> bool:
 
 
 def _ffi(short, shape, dtype, *operands, **attributes):
-  """One custom call of kernels.cc, its integer attributes as int64."""
-  return jax.ffi.ffi_call(_PREFIX + short, jax.ShapeDtypeStruct(shape, dtype),
-                          vmap_method="broadcast_all")(
+  """One custom call of kernels.cc, its integer attributes as int64 (leading axes of
+  the operands beyond the kernel's own are a batch of independent problems)."""
+  return jax.ffi.ffi_call(_PREFIX + short, jax.ShapeDtypeStruct(shape, dtype))(
       *operands, **{name: np.int64(value) for name, value in attributes.items()})
 
 
-# The three bilinear kernels. Each takes its geometry as one static argument
-# (`shared`: E kernels on one input, kernels.cc; `shape`: the result's, for
-# the two gradients), then one or more operand pairs (a_t, b_t), and computes
-# sum_t f(a_t, b_t) in one custom call. Its jvp is the product rule,
-# sum_t f(a_t', b_t) + f(a_t, b_t'), again one call (of up to _MAX_TERMS pairs;
-# more are split), so a tangent costs one pass over the activations rather
-# than two calls and their sum. A symbolic zero tangent drops its pair.
+def _primitive(short, jvp_rule):
+  """kernels.cc's `short` as a JAX primitive, so that every transformation,
+  partial evaluation inside `lax.scan` included, sees its derivative.
+
+  (A `jax.custom_jvp` around the custom call loses its rule when a scan's body
+  is partially evaluated for a reverse pass, and the forward pass over it then
+  meets the bare call.) Parameters: `shape` and `dtype` of one result,
+  `batch` the sizes of the leading axes that `vmap` added to every operand and
+  the result (the custom call takes them as a batch of independent problems),
+  and the kernel's integer attributes. `jvp_rule(prim)` is its JVP rule.
+  """
+  prim = jax.extend.core.Primitive(_PREFIX + short)
+  prim.def_impl(lambda *operands, **params: jax.jit(
+      functools.partial(prim.bind, **params))(*operands))
+  prim.def_abstract_eval(lambda *operands, shape, dtype, batch, **attributes:
+                         jax.core.ShapedArray((*batch, *shape), dtype))
+  mlir.register_lowering(prim, mlir.lower_fun(
+      lambda *operands, shape, dtype, batch, **attributes: _ffi(
+          short, (*batch, *shape), dtype, *operands, **attributes), multiple_results=False),
+      platform="cpu")
+
+  def batch_rule(operands, dims, *, batch, **params):
+    size = next(o.shape[d] for o, d in zip(operands, dims) if d is not None)
+    operands = [jnp.broadcast_to(o, (size, *o.shape)) if d is None else jnp.moveaxis(o, d, 0)
+                for o, d in zip(operands, dims)]
+    return prim.bind(*operands, batch=(size, *batch), **params), 0
+
+  batching.primitive_batchers[prim] = batch_rule
+  ad.primitive_jvps[prim] = jvp_rule(prim)
+  return prim
+
+
+# The three bilinear kernels. Each takes its geometry (`shared`: E kernels on one
+# input, kernels.cc; `shape`: the result's) and one or more operand pairs
+# (a_t, b_t), and computes sum_t f(a_t, b_t) in one custom call. Its JVP is the
+# product rule, sum_t f(a_t', b_t) + f(a_t, b_t'), again one call (of up to
+# _MAX_TERMS pairs; more are split), so a tangent costs one pass over the
+# activations rather than two calls and their sum. A zero tangent drops its pair.
 
 _MAX_TERMS = 4  # kernels.cc's kMaxTerms
 
@@ -171,32 +206,31 @@ class _Geometry(NamedTuple):
   shared: bool
 
 
-def _bilinear(fn):
-  fn = jax.custom_jvp(fn, nondiff_argnums=(0,))
-
-  def jvp(geometry, primals, tangents):
-    out = fn(geometry, *primals)
+def _bilinear_jvp(prim):
+  def jvp(primals, tangents, **params):
+    out = prim.bind(*primals, **params)
     pairs = []
     for a, b, ta, tb in zip(primals[::2], primals[1::2], tangents[::2], tangents[1::2]):
-      if not isinstance(ta, jax.custom_derivatives.SymbolicZero):
+      if not isinstance(ta, ad.Zero):
         pairs += [ta, b]
-      if not isinstance(tb, jax.custom_derivatives.SymbolicZero):
+      if not isinstance(tb, ad.Zero):
         pairs += [a, tb]
-    parts = [fn(geometry, *pairs[i:i + 2 * _MAX_TERMS])
+    parts = [prim.bind(*pairs[i:i + 2 * _MAX_TERMS], **params)
              for i in range(0, len(pairs), 2 * _MAX_TERMS)]
-    tangent = functools.reduce(jnp.add, parts) if parts else jnp.zeros_like(out)
-    return out, tangent
+    return out, functools.reduce(jnp.add, parts) if parts else ad.Zero.from_primal_value(out)
+  return jvp
 
-  fn.defjvp(jvp, symbolic_zeros=True)
-  return fn
+
+_BILINEAR = {short: _primitive(short, _bilinear_jvp)
+             for short in ("forward", "input_grad", "kernel_grad")}
 
 
 def _call(short, shape, dtype, geometry, operands):
-  return _ffi(short, shape, dtype, *operands, stride=geometry.stride, pad=geometry.pad,
-              dilation=geometry.dilation, shared=geometry.shared)
+  return _BILINEAR[short].bind(*operands, shape=tuple(shape), dtype=np.dtype(dtype), batch=(),
+                               stride=int(geometry.stride), pad=int(geometry.pad),
+                               dilation=int(geometry.dilation), shared=bool(geometry.shared))
 
 
-@_bilinear
 def _forward(geometry, x, k, *more):
   stride, pad, dilation = geometry.stride, geometry.pad, geometry.dilation
   n, h, w, c = x.shape
@@ -207,12 +241,10 @@ def _forward(geometry, x, k, *more):
                geometry, (x, k, *more))
 
 
-@_bilinear
 def _input_grad(geometry, g, k, *more):
   return _call("input_grad", geometry.shape, g.dtype, geometry, (g, k, *more))
 
 
-@_bilinear
 def _kernel_grad(geometry, x, g, *more):
   return _call("kernel_grad", geometry.shape, x.dtype, geometry, (x, g, *more))
 
@@ -278,26 +310,31 @@ def depthwise_conv_edges(x_NHWC, kernel_KKC, stride, pad, dilation):
 # Max pooling. gather(x, t) reads t at each window's first maximum of x, so the
 # pooling is gather(x, x); scatter(x, g) is gather's transpose in t. Both are
 # linear in their second operand and, the maxima being constant almost
-# everywhere, have no derivative in x: each is a custom_jvp whose tangent is a
-# call of itself on the second operand's tangent.
+# everywhere, have no derivative in x: the tangent of each is a call of itself
+# on the second operand's tangent.
 
-def _linear_in_second(fn):
-  fn = jax.custom_jvp(fn, nondiff_argnums=(2, 3, 4))
-  fn.defjvp(lambda window, stride, pad, primals, tangents: (
-      fn(*primals, window, stride, pad), fn(primals[0], tangents[1], window, stride, pad)))
-  return fn
+def _linear_in_second_jvp(prim):
+  def jvp(primals, tangents, **params):
+    x, t = primals
+    out = prim.bind(x, t, **params)
+    return out, (ad.Zero.from_primal_value(out) if isinstance(tangents[1], ad.Zero)
+                 else prim.bind(x, tangents[1], **params))
+  return jvp
 
 
-@_linear_in_second
+_MAX = {short: _primitive(short, _linear_in_second_jvp) for short in ("max_gather", "max_scatter")}
+
+
 def _max_gather(x, t, window, stride, pad):
   n, h, w, c = x.shape
   shape = (n, out_size(h, window, stride, pad), out_size(w, window, stride, pad), c)
-  return _ffi("max_gather", shape, x.dtype, x, t, window=window, stride=stride, pad=pad)
+  return _MAX["max_gather"].bind(x, t, shape=shape, dtype=np.dtype(x.dtype), batch=(),
+                                 window=int(window), stride=int(stride), pad=int(pad))
 
 
-@_linear_in_second
 def _max_scatter(x, g, window, stride, pad):
-  return _ffi("max_scatter", x.shape, x.dtype, x, g, window=window, stride=stride, pad=pad)
+  return _MAX["max_scatter"].bind(x, g, shape=tuple(x.shape), dtype=np.dtype(x.dtype), batch=(),
+                                  window=int(window), stride=int(stride), pad=int(pad))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
