@@ -118,12 +118,27 @@ class Run:
                  self.compile_s, self.trace_s, self.startup_s)
     return compiled
 
-  def jit(self, fn: Callable[..., Any], replicated: int, sharded: int) -> Callable[..., Any]:
+  def jit(self, fn: Callable[..., Any], replicated: int, sharded: int, *,
+          what: str) -> Callable[..., Any]:
     """fn jitted for its first `replicated` arguments replicated and the `sharded` after
-    them split over the mesh (an evaluation, the monitor), its result replicated."""
+    them split over the mesh (an evaluation, the monitor), its result replicated. It
+    compiles at its first call for each set of argument shapes and, as the step does,
+    then meets the other processes at a barrier, so that its first collective starts
+    with every process in step."""
     repl, shard = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
-    return jax.jit(fn, in_shardings=(*[repl] * replicated, *[shard] * sharded),
-                   out_shardings=repl)
+    jitted = jax.jit(fn, in_shardings=(*[repl] * replicated, *[shard] * sharded),
+                     out_shardings=repl)
+    compiled = {}
+
+    def call(*args):
+      key = (jax.tree.structure(args),
+             tuple((getattr(a, "shape", None), getattr(a, "dtype", None))
+                   for a in jax.tree.leaves(args)))
+      if key not in compiled:
+        compiled[key] = jitted.lower(*args).compile()
+        parallel.synchronize(f"compiled the {what}")
+      return compiled[key](*args)
+    return call
 
   def begin(self, schedule: Schedule, **record) -> None:
     """Marks the run as started (its step compiled): config.json written, the logs cut

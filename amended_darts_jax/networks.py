@@ -375,23 +375,35 @@ def check_nb201(layers: int, auxiliary: bool = False) -> None:
                       "--config.auxiliary=False")
 
 
-def nb201_skeleton(x_NHWC, C, layers, act, train, cell):
+def nb201_cell_runs(layers: int) -> tuple[tuple[int, int], ...]:
+  """The runs of NAS-Bench-201's network: each stage's layers / 3 cells, which share
+  one input shape (from 2 cells a stage on)."""
+  n = layers // 3
+  return tuple((s * n, s * n + n - 1) for s in range(3)) if n >= 2 else ()
+
+
+def nb201_skeleton(x_NHWC, C, layers, act, train, cell, scan=False):
   """NAS-Bench-201's macro skeleton up to the pooling, called inside a compact
   method: a C-channel stem, three stages of layers / 3 cells with a residual
-  reduction block between stages (channels doubled), then BN-act. `cell(i, c, x)`
-  applies cell i at c channels; the search and the retraining network differ
-  only there."""
+  reduction block between stages (channels doubled), then BN-act. `cell(name, c,
+  x)` applies a cell named `name` at c channels; the search and the retraining
+  network differ only there. With `scan`, each stage's cells are one scan
+  (`nb201_cell_runs`)."""
   x = nn.Conv(C, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
               kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
   x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
-  c, i = C, 0
+  runs = dict(nb201_cell_runs(layers)) if scan else {}
+  c, n = C, layers // 3
   for stage in range(3):
     if stage:
       c *= 2
       x = ops.ResNetBlock(c, act, name=f"block{stage}")(x, train)
-    for _ in range(layers // 3):
-      x = cell(i, c, x)
-      i += 1
+    first = stage * n
+    if first in runs:  # the carry's first half is unused: one-input cells
+      x = scan_cells(lambda _, x: cell("cell", c, x), first, runs[first], x, x)[1]
+      continue
+    for i in range(first, first + n):
+      x = cell(f"cell{i}", c, x)
   return ops.activation(act)(batch_norm.batch_norm(train, affine=True, name="last_bn")(x))
 
 
@@ -404,15 +416,20 @@ class NB201Network(nn.Module):
   layers: int = 15
   num_classes: int = 10
   act: str = "relu"
+  scan_cells: bool = False  # each stage's cells as one scan (nb201_cell_runs)
+
+  @property
+  def cell_runs(self) -> tuple[tuple[int, int], ...]:
+    return nb201_cell_runs(self.layers) if self.scan_cells else ()
 
   @nn.compact
   def __call__(self, x_NHWC, drop_path_rate=0.0, train: bool = False):
     if not self.genotype.is_nb201:
       raise spaces.GenotypeError("NB201Network builds NAS-Bench-201 genotypes only")
     check_nb201(self.layers)
-    cell = lambda i, c, x: NB201Cell(self.genotype.nb201, c, self.act, name=f"cell{i}")(
+    cell = lambda name, c, x: NB201Cell(self.genotype.nb201, c, self.act, name=name)(
         x, drop_path_rate, train)
-    x = nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell)
+    x = nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell, self.scan_cells)
     return _classifier(self.num_classes, x), None
 
 

@@ -423,12 +423,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   compiled_step = run_.compile(functools.partial(search_step, sc), state,
                                train_batches.batch(start), val_batches.batch(start),
                                what=f"{cfg.method}/{cfg.products} search step")
-  eval_fn = run_.jit(functools.partial(eval_step, model), replicated=1, sharded=1)
+  eval_fn = run_.jit(functools.partial(eval_step, model), replicated=1, sharded=1,
+                     what="evaluation")
   monitor_fn = None
   if cfg.monitor_every:
     mc = MonitorConfig(cfg.monitor_solver, cfg.monitor_solve_iters, cfg.monitor_tol,
                        cfg.monitor_damping, cfg.monitor_power_iters)
-    monitor_fn = run_.jit(functools.partial(monitor_step, sc, mc), replicated=1, sharded=2)
+    monitor_fn = run_.jit(functools.partial(monitor_step, sc, mc), replicated=1, sharded=2,
+                          what="monitor")
   run_.begin(schedule)
   negative_curvature = NegativeCurvatureNote(cfg.damping, "config.damping")
   monitor_negative_curvature = NegativeCurvatureNote(cfg.monitor_damping,

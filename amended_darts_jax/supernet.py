@@ -26,7 +26,8 @@ the second cell after each) is one `nn.scan`, so the program holds that cell
 once whatever the depth; its variables are the run's cells' stacked under
 `stacked_cells<first>to<last>/cell`, its per-cell alphas' softmax weights are
 stacked as scanned inputs, and `networks.stack_cells` and `unstack_cells`
-convert to and from the `cell<i>` layout. Below 10 cells there is no such run.
+convert to and from the `cell<i>` layout. Below 10 cells there is no such run;
+NAS-Bench-201's network scans each stage's cells (`networks.nb201_cell_runs`).
 
 The regularizers of DARTS' retraining, each off by default, for a search that
 trains its supernet as the evaluation trains the network (the paper's
@@ -218,8 +219,10 @@ class Supernet(nn.Module):
   @property
   def cell_runs(self) -> tuple[tuple[int, int], ...]:
     """The runs of cells computed by one scan each (networks.cell_runs), with `scan_cells`."""
-    if not self.scan_cells or self.space.cell == "nb201":
+    if not self.scan_cells:
       return ()
+    if self.space.cell == "nb201":
+      return networks.nb201_cell_runs(self.layers)
     return networks.cell_runs(self.layers)
 
   def init_alpha(self, key, dtype=jnp.float32):
@@ -278,8 +281,9 @@ class Supernet(nn.Module):
     networks.check_nb201(self.layers, self.auxiliary)
     weights_ExO = jax.nn.softmax(self.space.cell_alpha(alpha, 0, False), axis=-1)
     cell_cls = nn.remat(NB201SearchCell) if self.remat else NB201SearchCell
-    cell = lambda i, c, x: cell_cls(self.space, c, train, self.act, self.conv_pool_impl,
-                                    self.edge_groups, self.drop_path, name=f"cell{i}")(
-                                        x, weights_ExO, drop_path_rate)
-    x = networks.nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell)
+    cell = lambda name, c, x: cell_cls(self.space, c, train, self.act, self.conv_pool_impl,
+                                       self.edge_groups, self.drop_path, name=name)(
+                                           x, weights_ExO, drop_path_rate)
+    x = networks.nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell,
+                                self.scan_cells)
     return self._classify(x, train)

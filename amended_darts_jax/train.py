@@ -69,7 +69,8 @@ def make_model(cfg, genotype: spaces.Genotype, num_classes: int):
   if genotype.is_nb201:
     networks.check_nb201(cfg.layers, cfg.auxiliary)
     return networks.NB201Network(genotype, C=cfg.init_channels, layers=cfg.layers,
-                                 num_classes=num_classes, act=cfg.activation)
+                                 num_classes=num_classes, act=cfg.activation,
+                                 scan_cells=networks.scans(cfg.scan_cells))
   layers = len(genotype.cells) if genotype.per_cell else cfg.layers
   cls = networks.NetworkImageNet if cfg.dataset in IMAGENET_LIKE else networks.NetworkCIFAR
   return cls(genotype, C=cfg.init_channels, layers=layers, num_classes=num_classes,
@@ -234,7 +235,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   compiled = run_.compile(functools.partial(train_step, tc), state,
                           batches.batch(run_.start_step),
                           what=f"training step ({n_params / 1e6:.3f}M parameters)")
-  eval_fn = run_.jit(functools.partial(eval_step, model), replicated=2, sharded=1)
+  eval_fn = run_.jit(functools.partial(eval_step, model), replicated=2, sharded=1,
+                     what="evaluation")
   run_.begin(schedule, params=n_params)
 
   def evaluate(s_state):

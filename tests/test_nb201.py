@@ -1,6 +1,7 @@
 """NAS-Bench-201: its space, genotypes and architecture strings, its networks, a search in it,
 and the look-up of a searched cell through the benchmark's API."""
 
+import functools
 import json
 import os
 import sys
@@ -262,3 +263,48 @@ def test_the_benchmarks_optimizer_nesterov_without_clipping():
     buf = d if buf is None else m * buf + d
     ref = ref - lr * (d + m * buf)
   np.testing.assert_allclose(p["w"], ref, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("x64")
+def test_scanned_stages_compute_the_unscanned_networks():
+  """6 cells, two a stage, each stage one scan: the search network (shared alpha)
+  and the discrete network, from the same draw, give the unscanned ones' training
+  logits, batch statistics and alpha or weight gradient in float64."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1), jnp.float64)
+  labels = jnp.array([0, 1, 2, 1])
+  ce = lambda logits: -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+  search_net = supernet.Supernet("nb201", C=2, layers=6, num_classes=3, act="softplus",
+                                 scan_cells=True)
+  alpha = jax.tree.map(lambda a: a.astype(jnp.float64),
+                       search_net.init_alpha(jax.random.PRNGKey(1)))
+  discrete = networks.NB201Network(spaces.get_genotype(BEST), C=2, layers=6, num_classes=3,
+                                   act="softplus", scan_cells=True)
+  # The search network's alpha gradient, the discrete network's weight gradient.
+  for model, arg, argnum in ((search_net, alpha, 1), (discrete, 0.0, 0)):
+    assert model.cell_runs == ((0, 1), (2, 3), (4, 5))
+    runs = model.cell_runs
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64),
+                             networks.init_variables(model, 0, x, arg, train=True))
+    assert {k for k in variables["params"] if k.startswith("stacked_cells")} == {
+        "stacked_cells0to1", "stacked_cells2to3", "stacked_cells4to5"}
+
+    def quantities(model, variables):
+      def loss(params, arg):
+        out, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                   x, arg, train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.PRNGKey(2)})
+        logits = out[0] if isinstance(out, tuple) else out  # (logits, None) when discrete
+        return ce(logits), (logits, updates)
+      (_, aux), grad = jax.value_and_grad(loss, argnums=argnum, has_aux=True)(
+          variables["params"], arg)
+      return aux, ({"params": grad} if argnum == 0 else grad)
+
+    got = jax.jit(functools.partial(quantities, model))(variables)
+    want = jax.jit(functools.partial(quantities, model.clone(scan_cells=False)))(
+        networks.unstack_cells(variables, runs))
+    (logits, updates), grad = got
+    got = ((logits, networks.unstack_cells(updates, runs)),
+           networks.unstack_cells(grad, runs) if argnum == 0 else grad)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
