@@ -193,7 +193,8 @@ def _table(rows: list[dict]) -> str:
 def _ratio(rows, a, b, remat=False, edge_groups=True):
   def pick(spec):
     method, _, products = spec.partition("/")
-    for r in sorted(rows, key=lambda r: not r["cpu_kernel"]):  # with the kernel if measured
+    # With the kernel and scanned, where measured.
+    for r in sorted(rows, key=lambda r: (not r["cpu_kernel"], not r["scan_cells"])):
       if (r["method"] == method and (not products or r["products"] == products)
           and r["remat"] == remat and r["edge_groups"] == edge_groups):
         return r
