@@ -249,17 +249,13 @@ class _CellStack(nn.Module):
   reduction_prev: bool
   act: str
   conv_pool_impl: str
-  scan_cells: bool
-
-  @property
-  def cell_runs(self) -> tuple[tuple[int, int], ...]:
-    return genotype_cell_runs(self.genotype, self.layers) if self.scan_cells else ()
+  runs: tuple[tuple[int, int], ...]  # the network's cell_runs
 
   @nn.compact
   def __call__(self, s0, s1, drop_path_rate, train):
     _check_genotype(self.genotype, self.layers)
     reductions = spaces.reduction_cells(self.layers)
-    runs = dict(self.cell_runs)
+    runs = dict(self.runs)
     c_curr, reduction_prev, logits_aux = self.C, self.reduction_prev, None
     i = 0
     while i < self.layers:
@@ -306,7 +302,7 @@ class NetworkCIFAR(nn.Module):
     x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
     s1, logits_aux = _CellStack(self.genotype, self.C, self.layers, self.num_classes,
                                 self.auxiliary, False, False, self.act, self.conv_pool_impl,
-                                self.scan_cells, name="cells")(x, x, drop_path_rate, train)
+                                self.cell_runs, name="cells")(x, x, drop_path_rate, train)
     return _classifier(self.num_classes, s1), logits_aux
 
 
@@ -340,7 +336,7 @@ class NetworkImageNet(nn.Module):
     s1 = batch_norm.batch_norm(train, True, name="stem1_bn")(conv(self.C, "stem1_conv")(act(s0)))
     s1, logits_aux = _CellStack(self.genotype, self.C, self.layers, self.num_classes,
                                 self.auxiliary, True, True, self.act, self.conv_pool_impl,
-                                self.scan_cells, name="cells")(s0, s1, drop_path_rate, train)
+                                self.cell_runs, name="cells")(s0, s1, drop_path_rate, train)
     # DARTS pools 7x7 at 224x224 input; a global mean is the same there and works at any size.
     return _classifier(self.num_classes, s1), logits_aux
 
@@ -382,17 +378,17 @@ def nb201_cell_runs(layers: int) -> tuple[tuple[int, int], ...]:
   return tuple((s * n, s * n + n - 1) for s in range(3)) if n >= 2 else ()
 
 
-def nb201_skeleton(x_NHWC, C, layers, act, train, cell, scan=False):
+def nb201_skeleton(x_NHWC, C, layers, act, train, cell, runs=()):
   """NAS-Bench-201's macro skeleton up to the pooling, called inside a compact
   method: a C-channel stem, three stages of layers / 3 cells with a residual
   reduction block between stages (channels doubled), then BN-act. `cell(name, c,
   x)` applies a cell named `name` at c channels; the search and the retraining
-  network differ only there. With `scan`, each stage's cells are one scan
-  (`nb201_cell_runs`)."""
+  network differ only there. `runs` (the network's `cell_runs`, one per stage
+  from `nb201_cell_runs`) are scanned."""
   x = nn.Conv(C, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
               kernel_init=initializers.torch_init, name="stem_conv")(x_NHWC)
   x = batch_norm.batch_norm(train, affine=True, name="stem_bn")(x)
-  runs = dict(nb201_cell_runs(layers)) if scan else {}
+  runs = dict(runs)
   c, n = C, layers // 3
   for stage in range(3):
     if stage:
@@ -429,7 +425,7 @@ class NB201Network(nn.Module):
     check_nb201(self.layers)
     cell = lambda name, c, x: NB201Cell(self.genotype.nb201, c, self.act, name=name)(
         x, drop_path_rate, train)
-    x = nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell, self.scan_cells)
+    x = nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell, self.cell_runs)
     return _classifier(self.num_classes, x), None
 
 

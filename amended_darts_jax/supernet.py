@@ -285,5 +285,5 @@ class Supernet(nn.Module):
                                        self.edge_groups, self.drop_path, name=name)(
                                            x, weights_ExO, drop_path_rate)
     x = networks.nb201_skeleton(x_NHWC, self.C, self.layers, self.act, train, cell,
-                                self.scan_cells)
+                                self.cell_runs)
     return self._classify(x, train)
