@@ -16,6 +16,15 @@ The two agree only where
 the inner problem is solved: this is the reference against which the
 approximations g2' and g2'' can be measured.
 
+The weight decay may pull towards a fixed `center` c instead of zero,
+F = Lt + wd/2 |w - c|^2 (a proximal inner problem). H + wd I and M are the same
+for every c, so are the formula above and every approximation of g2; what
+changes is where w* lies. With c = 0, a network with three or more
+multiplicative factors between input and output is at a stationary point of F,
+and for small enough data gradients at a minimum, wherever the weights on its
+input path vanish; it then ignores its input. Decay towards the initial weights
+has no such point.
+
 Losses are `loss(w, a, batch) -> scalar` over pytrees, as in hypergrad.py;
 batches are fixed (full-batch problems). Use float64.
 """
@@ -39,7 +48,7 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class InnerSolution:
   omega: PyTree
-  grad_norm: float  # |dF/dw| at omega, F = Lt + wd/2 |w|^2
+  grad_norm: float  # |dF/dw| at omega, F = Lt + wd/2 |w - center|^2
   lbfgs_steps: int
   newton_steps: int
   eig_min: float  # the extreme eigenvalues of H + wd I at omega (Lanczos)
@@ -52,16 +61,26 @@ class InnerSolution:
     return self.eig_min > np.sqrt(np.finfo(np.float64).eps) * self.eig_max
 
 
-def _inner_objective(loss_train, weight_decay):
-  return lambda w, a, b: loss_train(w, a, b) + 0.5 * weight_decay * hg.tree_vdot(w, w)
+def _inner_objective(loss_train, weight_decay, center=None):
+  """F = Lt + wd/2 |w - center|^2 (center None: zero)."""
+  if center is None:
+    return lambda w, a, b: loss_train(w, a, b) + 0.5 * weight_decay * hg.tree_vdot(w, w)
+
+  def objective(w, a, b):
+    offset = hg.tree_sub(w, center)
+    return loss_train(w, a, b) + 0.5 * weight_decay * hg.tree_vdot(offset, offset)
+
+  return objective
 
 
 class InnerProblem:
-  """min_w Lt(w, a) + wd/2 |w|^2 on a fixed batch, its steps compiled once for every a."""
+  """min_w Lt(w, a) + wd/2 |w - center|^2 on a fixed batch (center None: zero), its
+  steps compiled once for every a."""
 
-  def __init__(self, loss_train: Callable, batch, *, weight_decay: float):
-    self.batch, self.weight_decay = batch, weight_decay
-    objective = _inner_objective(loss_train, weight_decay)
+  def __init__(self, loss_train: Callable, batch, *, weight_decay: float,
+               center: PyTree | None = None):
+    self.batch, self.weight_decay, self.center = batch, weight_decay, center
+    objective = _inner_objective(loss_train, weight_decay, center)
     self._opt = opt = optax.lbfgs()
 
     def lbfgs_step(w, state, a, b):
@@ -132,14 +151,19 @@ class InnerProblem:
                          newton_steps=done_newton, eig_min=lo, eig_max=hi)
 
 
-def dense_matrices(loss_train, omega, alpha, batch, *, weight_decay: float):
-  """H + wd I (n x n) and M (a x n) as dense arrays, n and a the raveled sizes."""
+def dense_matrices(loss_train, omega, alpha, batch, *, weight_decay: float, chunk: int = 32):
+  """H + wd I (n x n) and M (a x n) as dense arrays, n and a the raveled sizes (the
+  same for every center of the weight decay)."""
   flat_w, unravel_w = ravel_pytree(omega)
   flat_a, unravel_a = ravel_pytree(alpha)
   objective = _inner_objective(loss_train, weight_decay)
   grad_w = lambda w_flat, a_flat: ravel_pytree(
       jax.grad(objective)(unravel_w(w_flat), unravel_a(a_flat), batch))[0]
-  h = jax.jacfwd(grad_w, 0)(flat_w, flat_a)
+  # Column j of H + wd I is its product with the j-th basis vector, taken `chunk` at a
+  # time, so that memory holds `chunk` tangents and not n of them.
+  column = lambda e: jax.jvp(lambda w: grad_w(w, flat_a), (flat_w,), (e,))[1]
+  basis = jnp.eye(flat_w.shape[0], dtype=flat_w.dtype)
+  h = jax.jit(lambda b: jax.lax.map(column, b, batch_size=chunk))(basis).T
   m = jax.jacfwd(grad_w, 1)(flat_w, flat_a).T  # d/da of <dF/dw, u> is M u
   return h, m
 
@@ -170,19 +194,29 @@ def implicit_gradient(loss_train, loss_val, omega, alpha, train_batch, val_batch
 
 def difference_gradient(problem: InnerProblem, loss_val, solution: InnerSolution, alpha,
                         val_batch, *, step: float = 1e-4, tol: float = 1e-11,
-                        minres_iters: int = 500) -> PyTree:
+                        minres_iters: int = 500, points: int = 2) -> PyTree:
   """df/da by central differences, f(a) = Lv(w*(a), a), each coordinate of alpha
-  moved by +-step and the inner problem solved again from w* to `tol` (Newton
-  steps of `minres_iters` MINRES iterations)."""
+  moved by +-step (points=2: error O(step^2)) or by +-step and +-2 step (points=4:
+  (8 (f(+h) - f(-h)) - (f(+2h) - f(-2h))) / 12h, error O(step^4)), the inner
+  problem solved again from w* to `tol` at each (Newton steps of `minres_iters`
+  MINRES iterations)."""
+  if points not in (2, 4):
+    raise ValueError(f"points is 2 or 4, not {points}")
   flat_a, unravel_a = ravel_pytree(alpha)
   outer = jax.jit(lambda w, a, b: loss_val(w, a, b))
+
+  def f(i, offset):
+    a = unravel_a(flat_a.at[i].add(offset))
+    moved = problem.solve(solution.omega, a, tol=tol, lbfgs_steps=0, lanczos_iters=0,
+                          minres_iters=minres_iters)
+    return float(outer(moved.omega, a, val_batch))
+
   derivative = np.zeros(flat_a.shape[0])
   for i in range(flat_a.shape[0]):
-    values = []
-    for sign in (1.0, -1.0):
-      a = unravel_a(flat_a.at[i].add(sign * step))
-      moved = problem.solve(solution.omega, a, tol=tol, lbfgs_steps=0, lanczos_iters=0,
-                            minres_iters=minres_iters)
-      values.append(float(outer(moved.omega, a, val_batch)))
-    derivative[i] = (values[0] - values[1]) / (2 * step)
+    near = f(i, step) - f(i, -step)
+    if points == 2:
+      derivative[i] = near / (2 * step)
+    else:
+      far = f(i, 2 * step) - f(i, -2 * step)
+      derivative[i] = (8 * near - far) / (12 * step)
   return unravel_a(jnp.asarray(derivative, flat_a.dtype))

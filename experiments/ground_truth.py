@@ -4,25 +4,35 @@ r"""g2' and g2'' against the true g2, at the exact inner optimum of a small supe
   python experiments/ground_truth.py --out=experiments/results/ground_truth --from_results
 
 The bilevel problem (bilevel.py): the default search's space `s2` in one cell at
-C=2, softplus instead of ReLU, float64, batch norm with fixed statistics (with
-batch statistics the weights in front of a non-affine batch norm are
-scale-invariant and weight decay has no minimizer), weight decay `--wd` in the
-inner objective, and fixed full batches of `--images` digits each for training
-and validation. For each seed (the initial weights) it solves the inner problem
-to |dF/dw| <= 1e-8, checks the inner optimum by the Lanczos extremes of H + wd I,
-computes the true g = g1 + g2 by the implicit function theorem (MINRES) and
-checks it against central differences of the outer objective (and, with
---dense, against a dense solve), then compares with it
+C=2, softplus instead of ReLU, float64, and fixed full batches of digits, `--images`
+for training and `--val_images` for validation (both from the search's training
+split). The inner objective is F = Lt + wd/2 |w - c|^2 with c the initial weights
+(`--center=initial`, a proximal inner problem; `zero` is ordinary weight decay,
+whose w = 0 is a strict local minimum that ignores the image). Batch norm uses
+fixed statistics: by default those of the training batch under the initial
+weights, so that the network starts as the search's does (`unit`: mean 0 and
+variance 1; `batch`: each batch's own, as in the search, where the weights in
+front of a non-affine batch norm are scale-invariant and the inner problem has
+no minimizer; the record then says how far the solve got).
+
+For each seed (the initial weights) it solves the inner problem to
+|dF/dw| <= 1e-8, estimates the extremes of H + wd I there by Lanczos (its
+smallest Ritz value bounds the smallest eigenvalue from above; --dense computes
+the whole spectrum, which shows H + wd I definite), computes the true g = g1 + g2
+by the implicit function theorem (MINRES) and checks it against central
+differences of the outer objective on four points (and, with --dense, against a
+dense solve), then compares with it
 
   g2'  = -eta M (H + wd I) v            (amended; its direction does not depend on eta)
   g2'' = -xi M v'                       (DARTS; v' = v at the optimum, where w' = w)
   g2(lambda) = -M (H + (wd + lambda) I)^-1 v   (damped, as the search's monitor and the
                                                old angle study took it), against g2 and -M v
 
-and the full gradients g1 + eta g2'/eta, g1 + g2'' against g for each eta and xi.
-Writes results.json (one record per seed) and summary.md under --out. With
---batch_stats batch norm uses the batch's statistics, as in the search; the
-inner solve is then expected to fail, and the record says how far it got.
+and the full gradients g1 + g2', g1 + g2'' against g for each eta and xi.
+H + wd I and M do not depend on c, so neither do these formulas. Writes
+results.json (one record per seed) and summary.md under --out. On this 2-core
+CPU the defaults with --dense took 31 minutes a seed, 24 of them in the central
+differences (64 inner solves).
 """
 
 import json
@@ -40,29 +50,43 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
-from amended_darts_jax import bilevel, initializers, input_pipeline, supernet  # noqa: E402
+from amended_darts_jax import batch_norm, bilevel, initializers, input_pipeline  # noqa: E402
+from amended_darts_jax import rundir, supernet  # noqa: E402
 from amended_darts_jax import hypergrad as hg  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Initial weights' seeds.")
-_IMAGES = flags.DEFINE_integer("images", 32, "Digits in each of the two fixed batches.")
-_WD = flags.DEFINE_float("wd", 1e-2, "Weight decay of the inner problem.")
+_IMAGES = flags.DEFINE_integer("images", 256, "Digits in the fixed training batch.")
+_VAL_IMAGES = flags.DEFINE_integer("val_images", 256, "Digits in the fixed validation batch.")
+_WD = flags.DEFINE_float("wd", 0.1, "Weight decay of the inner problem.")
+_CENTER = flags.DEFINE_enum("center", "initial", ["initial", "zero"],
+                            "Where the weight decay pulls: the initial weights or zero.")
+_BN_STATS = flags.DEFINE_enum("bn_stats", "initial", ["initial", "unit", "batch"],
+                              "Batch norm's statistics: the training batch's under the initial "
+                              "weights, fixed; mean 0 and variance 1; each batch's own.")
+_CONTINUATION = flags.DEFINE_list("continuation", [], "Weight decays solved first, in order, "
+                                  "each from the last one's optimum, before --wd.")
 _ETAS = flags.DEFINE_list("etas", ["0.01", "0.1", "1"], "Amending coefficients.")
 _XIS = flags.DEFINE_list("xis", ["0.001", "0.025", "0.1"], "DARTS' xi (the weight lr).")
 _DAMPINGS = flags.DEFINE_list("dampings", ["0.01", "0.1", "1", "10"], "Damping lambda.")
 _DENSE = flags.DEFINE_bool("dense", False, "Also solve with the dense H + wd I.")
-_BATCH_STATS = flags.DEFINE_bool("batch_stats", False, "Batch norm with batch statistics, as in "
-                                 "the search (the inner problem then has no minimizer).")
 _MINRES_ITERS = flags.DEFINE_integer("minres_iters", 500, "MINRES iterations per Newton step.")
 _LBFGS_TOL = flags.DEFINE_float("lbfgs_tol", 1e-5, "|dF/dw| where L-BFGS hands over to Newton.")
+_LBFGS_STEPS = flags.DEFINE_integer("lbfgs_steps", 6000, "L-BFGS steps at most.")
+_POINTS = flags.DEFINE_enum("difference_points", "4", ["2", "4"],
+                            "Central differences of the outer objective on 2 or 4 points.")
+_STEP = flags.DEFINE_float("difference_step", 1e-4, "Their step in alpha.")
 _FROM_RESULTS = flags.DEFINE_bool("from_results", False, "Only summarize results.json.")
 _OUT = flags.DEFINE_string("out", "experiments/results/ground_truth", "Output directory.")
 
 
-def problem(seed: int, images: int, batch_stats: bool = False):
-  """(loss, omega0, alpha, train, val) of the small supernet on the digits."""
+def problem(seed: int, images: int, val_images: int, bn_stats: str = "initial"):
+  """(loss, accuracy, omega0, alpha, train, val) of the small supernet on the digits."""
   splits, info = input_pipeline.load("digits")
   source = splits["train"]
-  rows = [source[i] for i in range(2 * images)]
+  if images + val_images > len(source):
+    raise ValueError(f"--images + --val_images is {images + val_images}, more than the "
+                     f"{len(source)} digits of the search's training split")
+  rows = [source[i] for i in range(images + val_images)]
   # The search's normalization: pixels to [0, 1], then the training split's mean and std.
   pixels = np.stack([r["image"] for r in rows]).astype(np.float64) / 255.0
   x = jnp.asarray((pixels - info.mean[0]) / info.std[0], jnp.float64)
@@ -74,16 +98,30 @@ def problem(seed: int, images: int, batch_stats: bool = False):
   variables = initializers.init_variables(model, seed, x[:2], alpha, train=False)
   omega0 = jax.tree.map(lambda p: p.astype(jnp.float64), variables["params"])
   stats = variables["batch_stats"]  # mean 0, variance 1: batch norm divides by sqrt(1 + eps)
+  if bn_stats == "initial":
+    # One pass in training mode moves each running average by (1 - momentum) towards
+    # the batch's statistics; undo the average to keep the statistics themselves.
+    _, moved = model.apply({"params": omega0, "batch_stats": stats}, train["image"], alpha,
+                           train=True, mutable=["batch_stats"])
+    m = batch_norm.BatchNorm.momentum
+    stats = jax.tree.map(
+        lambda new, old: (jnp.asarray(new, jnp.float64) - m * jnp.asarray(old, jnp.float64))
+        / (1 - m), moved["batch_stats"], stats)
+
+  def logits(w, a, b):
+    if bn_stats == "batch":
+      out, _ = model.apply({"params": w, "batch_stats": stats}, b["image"], a, train=True,
+                           mutable=["batch_stats"])
+      return out
+    return model.apply({"params": w, "batch_stats": stats}, b["image"], a, train=False)
 
   def loss(w, a, b):
-    if batch_stats:
-      logits, _ = model.apply({"params": w, "batch_stats": stats}, b["image"], a, train=True,
-                              mutable=["batch_stats"])
-    else:
-      logits = model.apply({"params": w, "batch_stats": stats}, b["image"], a, train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"]).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits(w, a, b), b["label"]).mean()
 
-  return loss, omega0, alpha, train, val
+  def accuracy(w, a, b):
+    return float(jnp.mean(jnp.argmax(logits(w, a, b), -1) == b["label"]))
+
+  return loss, accuracy, omega0, alpha, train, val
 
 
 def _flat(tree) -> np.ndarray:
@@ -96,17 +134,29 @@ def _cos(a, b) -> float:
 
 def one_seed(seed: int) -> dict:
   wd = _WD.value
-  loss, omega0, alpha, train, val = problem(seed, _IMAGES.value, _BATCH_STATS.value)
-  record = {"seed": seed, "images": _IMAGES.value, "wd": wd, "batch_stats": _BATCH_STATS.value,
+  loss, accuracy, omega0, alpha, train, val = problem(seed, _IMAGES.value, _VAL_IMAGES.value,
+                                                      _BN_STATS.value)
+  record = {"seed": seed, "images": _IMAGES.value, "val_images": _VAL_IMAGES.value, "wd": wd,
+            "center": _CENTER.value, "bn_stats": _BN_STATS.value,
             "minres_iters": _MINRES_ITERS.value, "lbfgs_tol": _LBFGS_TOL.value,
+            "difference_points": int(_POINTS.value), "difference_step": _STEP.value,
             "weights": int(_flat(omega0).size), "alphas": int(_flat(alpha).size)}
+  continuation = [float(d) for d in _CONTINUATION.value]
+  if continuation:
+    record["continuation"] = continuation
   t0 = time.perf_counter()
-  inner = bilevel.InnerProblem(loss, train, weight_decay=wd)
+  center = omega0 if _CENTER.value == "initial" else None
+  start = omega0
   try:
-    solution = inner.solve(omega0, alpha, minres_iters=_MINRES_ITERS.value,
-                           lbfgs_tol=_LBFGS_TOL.value)
+    for decay in continuation + [wd]:
+      inner = bilevel.InnerProblem(loss, train, weight_decay=decay, center=center)
+      solution = inner.solve(start, alpha, minres_iters=_MINRES_ITERS.value,
+                             lbfgs_tol=_LBFGS_TOL.value, lbfgs_steps=_LBFGS_STEPS.value)
+      start = solution.omega
   except RuntimeError as e:  # no inner optimum reached: nothing to compare against
-    return {**record, "inner_failed": str(e), "solve_s": time.perf_counter() - t0}
+    where = f"at weight decay {decay:g}, " if continuation else ""
+    return {**record, "inner_failed": f"{where}{e}",
+            "solve_s": time.perf_counter() - t0}
   w = solution.omega
   labels = np.bincount(np.asarray(train["label"]), minlength=10) / train["label"].shape[0]
   record.update(
@@ -118,10 +168,15 @@ def one_seed(seed: int) -> dict:
   record.update(grad_norm=solution.grad_norm, lbfgs_steps=solution.lbfgs_steps,
                 newton_steps=solution.newton_steps, eig_min=solution.eig_min,
                 eig_max=solution.eig_max, train_loss=float(loss(w, alpha, train)),
-                val_loss=float(loss(w, alpha, val)), solve_s=time.perf_counter() - t0)
+                val_loss=float(loss(w, alpha, val)), train_acc=accuracy(w, alpha, train),
+                val_acc=accuracy(w, alpha, val), initial_train_loss=float(loss(omega0, alpha, train)),
+                moved=float(np.linalg.norm(_flat(w) - _flat(omega0))),
+                initial_norm=float(np.linalg.norm(_flat(omega0))),
+                solve_s=time.perf_counter() - t0)
   true = bilevel.implicit_gradient(loss, loss, w, alpha, train, val, weight_decay=wd)
   differences = bilevel.difference_gradient(inner, loss, solution, alpha, val,
-                                            minres_iters=_MINRES_ITERS.value)
+                                            minres_iters=_MINRES_ITERS.value,
+                                            points=int(_POINTS.value), step=_STEP.value)
   g1, g2, g = _flat(true["g1"]), _flat(true["g2"]), _flat(true["g"])
   rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
   record.update(minres_residual=true["relative_residual"],
@@ -168,26 +223,46 @@ def one_seed(seed: int) -> dict:
 
 
 def summarize(records: list[dict]) -> str:
+  first = records[0]
+  towards = "the initial weights" if first["center"] == "initial" else "zero"
+  lines = [f"{first['images']} training and {first['val_images']} validation digits, weight "
+           f"decay {first['wd']:g} towards {towards}, batch-norm statistics {first['bn_stats']}"
+           + (f", solved first at weight decay {', '.join(f'{d:g}' for d in first['continuation'])}"
+              if "continuation" in first else "") + ".", ""]
   failed = [r for r in records if "inner_failed" in r]
   records = [r for r in records if "inner_failed" not in r]
-  lines = [f"seed {r['seed']}: {r['inner_failed']}" for r in failed]
+  lines += [f"- seed {r['seed']}: {r['inner_failed']}; nothing to compare against." for r in failed]
   if not records:
     return "\n".join(lines) + "\n"
-  lines += ["| seed | weights | train, val loss | constant prediction's loss | stem norm "
-            "| \\|dF/dw\\| | eig min, max of H + wd I "
-            "| strict | implicit vs differences | \\|g1\\|, \\|g2\\| | cos(g2', g2) "
+  lines += [""] * bool(failed)
+  lines += ["| seed | weights | train, val loss (initial train loss) | train, val accuracy "
+            "| constant prediction's loss | stem norm | \\|w - w0\\| "
+            "| \\|dF/dw\\| | eig min, max of H + wd I (Lanczos) "
+            "| strict (dense where checked) | implicit vs differences | \\|g1\\|, \\|g2\\| | cos(g2', g2) "
             "| cos(g2'', g2) | cos(g2', -Mv) | cos(g1, g) |",
-            "|" + " --- |" * 14]
+            "|" + " --- |" * 16]
   for r in records:
-    strict = r["eig_min"] > np.sqrt(np.finfo(np.float64).eps) * r["eig_max"]  # InnerSolution's
-    lines.append(f"| {r['seed']} | {r['weights']} | {r['train_loss']:.3f}, {r['val_loss']:.3f} | "
-                 f"{r['label_entropy']:.3f} | {r['stem_norm']:.2e} | "
+    # InnerSolution's rule, on the dense spectrum where there is one: Lanczos' smallest
+    # Ritz value bounds the smallest eigenvalue from above, so it cannot show definiteness.
+    low, high = ((r["dense_eig_min"], r["dense_eig_max"]) if "dense_eig_min" in r
+                 else (r["eig_min"], r["eig_max"]))
+    strict = low > np.sqrt(np.finfo(np.float64).eps) * high
+    lines.append(f"| {r['seed']} | {r['weights']} | {r['train_loss']:.3f}, {r['val_loss']:.3f} "
+                 f"({r['initial_train_loss']:.3f}) | {r['train_acc']:.3f}, {r['val_acc']:.3f} | "
+                 f"{r['label_entropy']:.3f} | {r['stem_norm']:.2e} | {r['moved']:.3f} | "
                  f"{r['grad_norm']:.1e} | {r['eig_min']:.2e}, "
                  f"{r['eig_max']:.3f} | {'yes' if strict else 'no'} | "
                  f"{r['rel_diff_implicit_vs_differences']:.1e} | "
                  f"{r['g1_norm']:.4f}, {r['g2_norm']:.4f} | {r['cos_amended_g2']:.3f} | "
                  f"{r['cos_darts_g2']:.3f} | {r['cos_amended_minus_mv']:.3f} | "
                  f"{r['cos_g1_g']:.3f} |")
+  if all("dense_eig_min" in r for r in records):
+    lines += ["", "Checked dense (H + wd I built and solved whole):", "",
+              "| seed | eig min, max (dense) | implicit (MINRES) vs dense solve |",
+              "| --- | --- | --- |"]
+    for r in records:
+      lines.append(f"| {r['seed']} | {r['dense_eig_min']:.3e}, {r['dense_eig_max']:.1f} | "
+                   f"{r['rel_diff_implicit_vs_dense']:.1e} |")
   etas = [k for k in records[0] if k.startswith("cos_full_amended_eta")]
   xis = [k for k in records[0] if k.startswith("cos_full_darts_xi")]
   lines += ["", "The scale each approximation would need to match g2 (least squares), and "
@@ -229,7 +304,6 @@ def main(argv):
     for seed in map(int, _SEEDS.value):
       records.append(one_seed(seed))
       print(json.dumps(records[-1]), flush=True)
-      from amended_darts_jax import rundir
       rundir.write_json(path, records)
   summary = summarize(records)
   with open(os.path.join(_OUT.value, "summary.md"), "w") as f:

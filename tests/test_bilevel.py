@@ -4,6 +4,7 @@ theorem and by central differences of the outer objective."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.flatten_util import ravel_pytree
 
 from amended_darts_jax import bilevel
@@ -36,12 +37,22 @@ def _problem():
   return omega, alpha, batch(keys[4], keys[5]), batch(keys[6], keys[7])
 
 
-def test_implicit_gradient_at_the_inner_optimum_equals_central_differences(x64):
+@pytest.mark.parametrize("center", ["zero", "initial"])
+def test_implicit_gradient_at_the_inner_optimum_equals_central_differences(x64, center):
   omega0, alpha, train, val = _problem()
   wd = 0.05
-  problem = bilevel.InnerProblem(_loss, train, weight_decay=wd)
+  c = None if center == "zero" else jax.tree.map(lambda p: 0.5 * p + 0.1, omega0)
+  problem = bilevel.InnerProblem(_loss, train, weight_decay=wd, center=c)
   solution = problem.solve(omega0, alpha, lanczos_iters=60)
   assert solution.grad_norm <= 1e-8
+  # Stationary for F = Lt + wd/2 |w - c|^2, written out independently of the solver.
+  c_flat = 0.0 if c is None else np.asarray(ravel_pytree(c)[0])
+  w_flat = np.asarray(ravel_pytree(solution.omega)[0])
+  dlt = np.asarray(ravel_pytree(jax.grad(_loss)(solution.omega, alpha, train))[0])
+  assert np.linalg.norm(dlt + wd * (w_flat - c_flat)) <= 1e-8
+  if c is not None:  # a different point from decay towards zero
+    assert np.linalg.norm(w_flat - c_flat) > 1e-2
+    assert np.linalg.norm(dlt + wd * w_flat) > 1e-2
   # H + wd I at w*, dense: positive definite, and Lanczos (as many steps as weights)
   # finds its ends.
   h, m = bilevel.dense_matrices(_loss, solution.omega, alpha, train, weight_decay=wd)

@@ -100,6 +100,8 @@ def test_collapse_table_and_figure_are_rebuilt_from_the_committed_results(tmp_pa
     ("compare_products.py", "compare_products", "results.csv",
      ("error_vs_r.png", "error_along_search.png")),
     ("angle_study.py", "angle_study", "results.jsonl", ("angles.png",)),
+    ("ground_truth.py", "ground_truth", "results.json", ()),
+    ("ground_truth.py", "ground_truth_zero_center", "results.json", ()),
 ])
 def test_study_tables_and_figures_are_rebuilt_from_the_committed_rows(tmp_path, script, results,
                                                                       raw, figures):
