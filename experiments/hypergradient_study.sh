@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study of how close g2' and g2'' come to the true g2 (docs/math.md §§5, 8-10), every
-# part in one run, each writing its raw results and tables under RESULTS (default
-# experiments/results):
+# part in one run (about 100 minutes on a 2-core CPU), each writing its raw results and
+# tables under RESULTS (default experiments/results):
 #
 #   bash experiments/hypergradient_study.sh [RESULTS]
 #
@@ -11,9 +11,9 @@
 #   angle_study.py       g2', g2'' against a solved g2 at the searches' own weights
 #                        (RESULTS/angle_study; about 14 minutes)
 #   ground_truth.py      the same at a reached, strict inner optimum, where g2 is the
-#                        true derivative (RESULTS/ground_truth, three seeds, about 15
-#                        minutes each), and the problem with weight decay towards zero,
-#                        whose optimum ignores the image (RESULTS/ground_truth_zero_center)
+#                        true derivative (RESULTS/ground_truth, three seeds: 66 minutes),
+#                        and the problem with weight decay towards zero, whose optimum
+#                        ignores the image (RESULTS/ground_truth_zero_center; 2 minutes)
 #
 # Each script's --from_results rebuilds its tables and figures from the raw results
 # without running anything (experiments/README.md).
