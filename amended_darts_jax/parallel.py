@@ -111,12 +111,19 @@ def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 
 
 def sum_over_batches(fn, batches, mesh: Mesh) -> dict[str, np.ndarray]:
-  """Sums the pytree `fn(global_batch)` over host batches put on the mesh; host totals."""
+  """Sums the pytree `fn(global_batch)` (replicated) over host batches put on the mesh;
+  host totals.
+
+  The sum is taken on the host, in the outputs' dtype (the same IEEE additions a device
+  makes). On the device it would be an eager `+` of global arrays: a program over every
+  process's devices, compiled lazily between two calls of `fn` with no barrier after
+  its compile, as the compiled programs have (loop.Run.jit).
+  """
   totals = None
   for batch in batches:
-    out = fn(put_batch(batch, mesh))
-    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
-  return jax.device_get(totals)
+    out = jax.device_get(fn(put_batch(batch, mesh)))
+    totals = out if totals is None else jax.tree.map(np.add, totals, out)
+  return totals
 
 
 def describe(mesh: Mesh) -> str:
