@@ -56,9 +56,13 @@ class InnerSolution:
 
   @property
   def strict_minimum(self) -> bool:
-    """H + wd I positive definite beyond rounding: its smallest eigenvalue above
-    sqrt(machine epsilon) times its largest (float64: 1.5e-8)."""
-    return self.eig_min > np.sqrt(np.finfo(np.float64).eps) * self.eig_max
+    return is_strict(self.eig_min, self.eig_max)
+
+
+def is_strict(eig_min: float, eig_max: float) -> bool:
+  """H + wd I positive definite beyond rounding: its smallest eigenvalue above
+  sqrt(machine epsilon) times its largest (float64: 1.5e-8)."""
+  return eig_min > np.sqrt(np.finfo(np.float64).eps) * eig_max
 
 
 def _inner_objective(loss_train, weight_decay, center=None):
